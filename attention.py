@@ -35,7 +35,8 @@ def attention(q, k, v, backend=None):
     """Non-causal softmax attention on [B, S, H, D] tensors; returns [B, S_q, H, D]."""
     backend = backend or _backend
     if backend == "auto":
-        backend = "triton" if (q.is_cuda and triton_available()) else "sdpa"
+        kernel_ok = q.shape[-1] in KERNEL_HEAD_DIMS and q.dtype in (torch.bfloat16, torch.float16)
+        backend = "triton" if (q.is_cuda and kernel_ok and triton_available()) else "sdpa"
     if backend == "sdpa":
         # SDPA wants [B, H, S, D]; the transposes are views, SDPA handles the strides.
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -77,29 +78,373 @@ def reference_attention_backward(dout, q, k, v, out, lse):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. Triton kernels (filled in by the kernel work; until then the reference math stands in)
+# 3. Triton kernels (FlashAttention-2 tiling, tuned for Hopper; the reference math stands in elsewhere)
 # ---------------------------------------------------------------------------------------------------
+# How the kernels see the data: q, k, v, out, dout stay [B, S, H, D]; with heads packed (stride D)
+# that is a 2-D matrix [B*S, H*D] whose row stride is the token stride, and head h of batch b is the
+# column block h*D of rows b*S .. b*S+S-1. TMA tensor descriptors over that 2-D view load [rows, D]
+# tiles straight into shared memory, so nothing is transposed or copied around the call.
+# Ragged tails: a tile may run past S into the next batch element (or past the end, which TMA fills
+# with zeros). Forward: keys >= S_k are masked to -inf in the last key tile and out/lse are stored for
+# rows < S_q only. Backward: query rows >= S_q get lse = +inf, so their probabilities are exactly 0 and
+# they add nothing to dK, dV (and exactly 0 to the dQ rows they overlap); keys >= S_k get probability 0.
+# The softmax runs in base 2: scores are scaled by log2(e)/sqrt(D) once and exp2 is one MUFU op.
+# Backward = FA2 schedule: one program per key tile walks the query tiles, keeps dK, dV in registers
+# and adds its share of dQ into an fp32 buffer (TMA reduce-add on the GPU): 5 matmuls per tile pair.
+
+import os
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    _HAVE_TRITON = True
+except ImportError:  # the kernels are optional: everything falls back to the reference / SDPA
+    _HAVE_TRITON = False
+
+# TRITON_INTERPRET=1 runs the kernels on CPU tensors through Triton's interpreter (the CPU tests).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+KERNEL_HEAD_DIMS = (64, 128)
+_triton_ok = None
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _fwd_tiles(acc, l_i, m_i, q, desc_k, desc_v, kv_row, col, n_lo, n_hi, Sk, qk_scale,
+                   BLOCK_N: tl.constexpr, MASK_K: tl.constexpr, WARP_SPEC: tl.constexpr):
+        """Online softmax over key tiles [n_lo, n_hi); m_i is the running max in log2 units."""
+        for start_n in tl.range(n_lo, n_hi, BLOCK_N, warp_specialize=WARP_SPEC):
+            k = desc_k.load([kv_row + start_n, col])  # [BN, D]
+            s = tl.dot(q, tl.trans(k))  # [BM, BN] raw q.k in fp32
+            if MASK_K:  # only the last, partial key tile pays for the mask
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                s = tl.where(offs_n[None, :] < Sk, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = desc_v.load([kv_row + start_n, col])  # [BN, D]
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _attn_fwd_kernel(desc_q, desc_k, desc_v, desc_o, Out, Lse, H, Sq, Sk, qk_scale, tune_key,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         WARP_SPEC: tl.constexpr):
+        """One program = BLOCK_M queries of one (batch, head); writes out and lse (natural log)."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)  # consecutive programs share (b, h): K/V tiles stay in L2
+        b = pid_bh // H
+        col = (pid_bh % H) * HEAD_DIM
+        q_row = b * Sq + pid_m * BLOCK_M
+        kv_row = b * Sk
+        q = desc_q.load([q_row, col])  # [BM, D], stays in shared memory
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        n_full = (Sk // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, desc_k, desc_v, kv_row, col, 0, n_full, Sk,
+                                   qk_scale, BLOCK_N, False, WARP_SPEC)
+        if n_full < Sk:
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, desc_k, desc_v, kv_row, col, n_full, Sk, Sk,
+                                       qk_scale, BLOCK_N, True, False)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
+        tl.store(Lse + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+        out = (acc / l_i[:, None]).to(q.dtype)
+        if (pid_m + 1) * BLOCK_M <= Sq:
+            desc_o.store([q_row, col], out)
+        else:  # ragged tail: a TMA store would spill into the next batch element's rows
+            offs_d = tl.arange(0, HEAD_DIM)
+            rows = (b * Sq + offs_m).to(tl.int64)
+            tl.store(Out + rows[:, None] * (H * HEAD_DIM) + col + offs_d[None, :], out,
+                     mask=offs_m[:, None] < Sq)
+
+    @triton.jit
+    def _attn_bwd_prep_kernel(Out, DOut, Lse, Delta, Lse2, H, Sq, stride_o, stride_do,
+                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Delta = rowsum(dO * O) and lse in log2 units, both [B, H, Sq] fp32."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        col = (pid_bh % H) * HEAD_DIM
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        valid = offs_m < Sq
+        rows = (b * Sq + offs_m).to(tl.int64)
+        o = tl.load(Out + rows[:, None] * stride_o + col + offs_d[None, :], mask=valid[:, None], other=0.0)
+        do = tl.load(DOut + rows[:, None] * stride_do + col + offs_d[None, :], mask=valid[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        base = pid_bh.to(tl.int64) * Sq
+        tl.store(Delta + base + offs_m, delta, mask=valid)
+        lse = tl.load(Lse + base + offs_m, mask=valid, other=0.0)
+        tl.store(Lse2 + base + offs_m, lse * 1.4426950408889634, mask=valid)
+
+    @triton.jit
+    def _bwd_tiles(dk, dv, k, v, desc_q, desc_do, desc_dq, DQacc, Lse2, Delta, q_row0, col, bh_base,
+                   m_lo, m_hi, Sq, Sk, start_n, qk_scale, H,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASK_K: tl.constexpr, DQ_TMA: tl.constexpr):
+        """Walk query tiles [m_lo, m_hi) for one key tile: the transposed FA2 backward (S^T, P^T)."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        for start_m in range(m_lo, m_hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = desc_q.load([q_row0 + start_m, col])  # [BM, D]
+            do = desc_do.load([q_row0 + start_m, col])  # [BM, D]
+            lse2 = tl.load(Lse2 + bh_base + offs_m, mask=offs_m < Sq, other=float("inf"))
+            delta = tl.load(Delta + bh_base + offs_m, mask=offs_m < Sq, other=0.0)
+            sT = tl.dot(k, tl.trans(q))  # [BN, BM]
+            pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
+            if MASK_K:
+                pT = tl.where(offs_n[:, None] < Sk, pT, 0.0)
+            dv = tl.dot(pT.to(do.dtype), do, dv)
+            dpT = tl.dot(v, tl.trans(do))  # [BN, BM]
+            dsT = (pT * (dpT - delta[None, :])).to(q.dtype)  # dS^T without the softmax scale
+            dk = tl.dot(dsT, q, dk)
+            dq = tl.dot(tl.trans(dsT), k)  # [BM, D] share of dQ from this key tile
+            if DQ_TMA:
+                desc_dq.atomic_add([q_row0 + start_m, col], dq)
+            else:
+                rows = (q_row0 + offs_m).to(tl.int64)
+                ptrs = DQacc + rows[:, None] * (H * HEAD_DIM) + col + tl.arange(0, HEAD_DIM)[None, :]
+                tl.atomic_add(ptrs, dq, mask=offs_m[:, None] < Sq, sem="relaxed")
+        return dk, dv
+
+    @triton.jit
+    def _attn_bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, DQacc, DK, DV, Lse2, Delta,
+                         H, Sq, Sk, qk_scale, sm_scale, q_chunk, split_stride, tune_key,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         DQ_TMA: tl.constexpr):
+        """One program = one key tile of one (batch, head) over one chunk of the queries."""
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        pid_s = tl.program_id(2)  # query chunk: > 1 only when there are too few key tiles (cross-attn)
+        b = pid_bh // H
+        col = (pid_bh % H) * HEAD_DIM
+        start_n = pid_n * BLOCK_N
+        k = desc_k.load([b * Sk + start_n, col])  # [BN, D]
+        v = desc_v.load([b * Sk + start_n, col])
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        bh_base = pid_bh.to(tl.int64) * Sq
+        m_lo = pid_s * q_chunk
+        m_hi = tl.minimum(m_lo + q_chunk, Sq)
+        if start_n + BLOCK_N <= Sk:
+            dk, dv = _bwd_tiles(dk, dv, k, v, desc_q, desc_do, desc_dq, DQacc, Lse2, Delta, b * Sq, col,
+                                bh_base, m_lo, m_hi, Sq, Sk, start_n, qk_scale, H,
+                                HEAD_DIM, BLOCK_M, BLOCK_N, False, DQ_TMA)
+        else:
+            dk, dv = _bwd_tiles(dk, dv, k, v, desc_q, desc_do, desc_dq, DQacc, Lse2, Delta, b * Sq, col,
+                                bh_base, m_lo, m_hi, Sq, Sk, start_n, qk_scale, H,
+                                HEAD_DIM, BLOCK_M, BLOCK_N, True, DQ_TMA)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        rows = (b * Sk + offs_n).to(tl.int64)
+        offs = pid_s.to(tl.int64) * split_stride + rows[:, None] * (H * HEAD_DIM) + col + offs_d[None, :]
+        tl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < Sk)
+        tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < Sk)
+
+    def _fwd_blocks(nargs):
+        """Autotune pre-hook: give the TMA descriptors the tile shapes of the chosen config."""
+        d = nargs["HEAD_DIM"]
+        nargs["desc_q"].block_shape = nargs["desc_o"].block_shape = [nargs["BLOCK_M"], d]
+        nargs["desc_k"].block_shape = nargs["desc_v"].block_shape = [nargs["BLOCK_N"], d]
+
+    def _bwd_blocks(nargs):
+        """Autotune pre-hook for the backward's descriptors."""
+        d = nargs["HEAD_DIM"]
+        nargs["desc_q"].block_shape = nargs["desc_do"].block_shape = [nargs["BLOCK_M"], d]
+        nargs["desc_dq"].block_shape = [nargs["BLOCK_M"], d]
+        nargs["desc_k"].block_shape = nargs["desc_v"].block_shape = [nargs["BLOCK_N"], d]
+
+    def _fwd_config(bm, bn, warps, stages, ws=False):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=warps,
+                             num_stages=stages, pre_hook=_fwd_blocks)
+
+    def _bwd_config(bm, bn, warps, stages):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
+                             pre_hook=_bwd_blocks)
+
+    # A handful of Hopper candidates each (tuning takes seconds); the interpreter gets one small tile
+    # so the CPU tests cross several tiles and ragged tails at tiny sequence lengths.
+    if _INTERPRET:
+        FWD_CONFIGS = [_fwd_config(32, 16, 4, 1)]
+        BWD_CONFIGS = [_bwd_config(16, 32, 4, 1)]
+    else:
+        FWD_CONFIGS = [_fwd_config(128, 128, 8, 2), _fwd_config(128, 128, 8, 3),
+                       _fwd_config(128, 64, 8, 3), _fwd_config(128, 64, 4, 3)]
+        BWD_CONFIGS = [_bwd_config(64, 128, 8, 2), _bwd_config(64, 128, 8, 3),
+                       _bwd_config(64, 64, 4, 3), _bwd_config(32, 128, 8, 3)]
+
+    def _quick_bench(fn, quantiles):
+        """Short timing for the autotuner: the kernels run for milliseconds, a few calls suffice."""
+        return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+    _attn_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["HEAD_DIM", "tune_key"], do_bench=_quick_bench)(
+        _attn_fwd_kernel)
+    _attn_bwd_tuned = triton.autotune(BWD_CONFIGS, key=["HEAD_DIM", "tune_key"], do_bench=_quick_bench,
+                                      reset_to_zero=["DQacc"])(_attn_bwd_kernel)
 
 
 def triton_available():
-    """True when the Triton flash-attention kernels can run here."""
-    return False
+    """True when the Triton flash-attention kernels can run here (CUDA, Hopper or newer, Triton)."""
+    global _triton_ok
+    if _triton_ok is None:
+        _triton_ok = (_HAVE_TRITON and not _INTERPRET and torch.cuda.is_available()
+                      and torch.cuda.get_device_capability()[0] >= 9)
+    return _triton_ok
+
+
+def _use_kernels(x):
+    """Kernels on CUDA when available; on CPU tensors only under the Triton interpreter."""
+    return (x.is_cuda and triton_available()) or (_INTERPRET and _HAVE_TRITON and not x.is_cuda)
+
+
+def _check_inputs(q, k, v):
+    """Validate shapes/dtypes for the kernels; raise a clear error otherwise."""
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(f"attention expects q, k, v as [B, S, H, D] with k, v alike; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, heads or head dim")
+    if q.shape[3] not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"Triton attention supports head dims {KERNEL_HEAD_DIMS}, got {q.shape[3]}")
+    allowed = (torch.bfloat16, torch.float16) + ((torch.float32,) if _INTERPRET else ())
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in allowed:
+        raise ValueError(f"Triton attention wants q, k, v of one dtype in {allowed}; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _rows(x):
+    """x [B, S, H, D] as the 2-D row matrix [B*S, H*D] the descriptors read; copies only odd layouts."""
+    B, S, H, D = x.shape
+    ok = (x.stride(3) == 1 and x.stride(2) == D and (B == 1 or x.stride(0) == S * x.stride(1))
+          and (x.stride(1) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0)
+    return x if ok else x.contiguous()
+
+
+def _desc(x, rows_per_tile):
+    """TMA descriptor over the [B*S, H*D] view of x; the autotune hook may change the tile rows."""
+    B, S, H, D = x.shape
+    return TensorDescriptor(x, [B * S, H * D], [x.stride(1), 1], [rows_per_tile, D])
+
+
+def _launch_args(config):
+    """Explicit launch parameters for a config dict (benchmark sweeps); None means autotune."""
+    meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    return meta, config.get("num_warps", 4), config.get("num_stages", 2)
+
+
+def _triton_forward(q, k, v, config=None):
+    """Kernel forward: (out [B,Sq,H,D], lse [B,H,Sq] fp32); config forces one tile setup."""
+    _check_inputs(q, k, v)
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    descs = [_desc(q, 64), _desc(k, 64), _desc(v, 64), _desc(out, 64)]
+    qk_scale = 1.4426950408889634 / math.sqrt(D)  # 1/sqrt(D) in log2 units
+    tune_key = 0 if Sk <= 1024 else 1  # short (cross-attention) and long key lengths tune apart
+    args = (*descs, out, lse, H, Sq, Sk, qk_scale, tune_key)
+    if config is None:
+        grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)
+        _attn_fwd_tuned[grid](*args, HEAD_DIM=D)
+    else:
+        meta, warps, stages = _launch_args(config)
+        _fwd_blocks({"desc_q": descs[0], "desc_k": descs[1], "desc_v": descs[2], "desc_o": descs[3],
+                     "HEAD_DIM": D, **meta})
+        _attn_fwd_kernel[(triton.cdiv(Sq, meta["BLOCK_M"]), B * H)](
+            *args, HEAD_DIM=D, num_warps=warps, num_stages=stages, **meta)
+    return out, lse
+
+
+def _query_split(Sq, Sk, B, H, device):
+    """Query chunks per key tile so that short-key problems (cross-attention) still fill the GPU."""
+    programs = triton.cdiv(Sk, 128) * B * H
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(Sq, 1024)))
+
+
+def _triton_backward(dout, q, k, v, out, lse, config=None, dq_tma=None, q_split=None):
+    """Kernel backward: (dq, dk, dv) in the inputs' dtype, from the saved out and lse (natural log)."""
+    _check_inputs(q, k, v)
+    q, k, v, out, dout = _rows(q), _rows(k), _rows(v), _rows(out), _rows(dout.to(q.dtype))
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    lse = lse.float().contiguous()
+    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
+    _attn_bwd_prep_kernel[(triton.cdiv(Sq, 64), B * H)](
+        out, dout, lse, delta, lse2, H, Sq, out.stride(1), dout.stride(1), HEAD_DIM=D, BLOCK_M=64)
+
+    split = q_split or _query_split(Sq, Sk, B, H, q.device)
+    q_chunk = triton.cdiv(triton.cdiv(Sq, split), 128) * 128  # whole query tiles for any BLOCK_M
+    split = triton.cdiv(Sq, q_chunk)
+    dq_acc = torch.zeros((B, Sq, H, D), dtype=torch.float32, device=q.device)
+    if split == 1:
+        dk = torch.empty((B, Sk, H, D), dtype=q.dtype, device=q.device)
+        dv = torch.empty_like(dk)
+    else:  # per-chunk fp32 partials, summed below (Sk is small whenever this happens)
+        dk = torch.empty((split, B, Sk, H, D), dtype=torch.float32, device=q.device)
+        dv = torch.empty_like(dk)
+    descs = [_desc(q, 64), _desc(k, 64), _desc(v, 64), _desc(dout, 64), _desc(dq_acc, 64)]
+    sm_scale = 1.0 / math.sqrt(D)
+    if dq_tma is None:
+        dq_tma = not _INTERPRET  # the interpreter has no TMA reduce; use plain atomics there
+    tune_key = 0 if Sq <= 1024 else 1
+    args = (*descs, dq_acc, dk, dv, lse2, delta, H, Sq, Sk, sm_scale * 1.4426950408889634, sm_scale,
+            q_chunk, B * Sk * H * D, tune_key)
+    if config is None:
+        grid = lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * H, split)
+        _attn_bwd_tuned[grid](*args, HEAD_DIM=D, DQ_TMA=dq_tma)
+    else:
+        meta, warps, stages = _launch_args(config)
+        _bwd_blocks({"desc_q": descs[0], "desc_k": descs[1], "desc_v": descs[2], "desc_do": descs[3],
+                     "desc_dq": descs[4], "HEAD_DIM": D, **meta})
+        _attn_bwd_kernel[(triton.cdiv(Sk, meta["BLOCK_N"]), B * H, split)](
+            *args, HEAD_DIM=D, DQ_TMA=dq_tma, num_warps=warps, num_stages=stages, **meta)
+    if split > 1:
+        dk, dv = dk.sum(0).to(q.dtype), dv.sum(0).to(q.dtype)
+    dq = (dq_acc * sm_scale).to(q.dtype)
+    return dq, dk, dv
 
 
 def attention_forward(q, k, v):
     """Forward primitive used by ring attention: (out, lse) with lse [B, H, Sq] in fp32."""
+    if _use_kernels(q):
+        return _triton_forward(q, k, v)
     out, lse = reference_attention(q, k, v)
     return out, lse.float()
 
 
 def attention_backward(dout, q, k, v, out, lse):
     """Backward primitive used by ring attention: (dq, dk, dv) in the inputs' dtype."""
+    if _use_kernels(q):
+        return _triton_backward(dout, q, k, v, out, lse)
     return reference_attention_backward(dout, q, k, v, out, lse.to(q.dtype))
 
 
+class FlashAttention(torch.autograd.Function):
+    """Autograd wrapper: saves (q, k, v, out, lse) and calls the backward primitive."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = attention_forward(q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        return attention_backward(dout.contiguous(), q, k, v, out, lse)
+
+
 def flash_attention(q, k, v):
-    """Autograd-aware attention through the primitives above."""
-    return attention_forward(q, k, v)[0]
+    """Autograd-aware attention [B, S, H, D] -> [B, Sq, H, D] through the primitives above."""
+    return FlashAttention.apply(q, k, v)
 
 
 # ---------------------------------------------------------------------------------------------------

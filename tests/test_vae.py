@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from vae_wip import VAE_PRESETS, WanVAE, load_vae
+from model import VAE_PRESETS, WanVAE, load_vae
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 GOLDEN_VAES = sorted(glob.glob(os.path.join(GOLDEN, "vae_*.pt")))

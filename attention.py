@@ -183,12 +183,33 @@ if _HAVE_TRITON:
         tl.store(Lse2 + base + offs_m, lse * 1.4426950408889634, mask=valid)
 
     @triton.jit
-    def _bwd_tiles(dk, dv, k, v, desc_q, desc_do, desc_dq, DQacc, Lse2, Delta, q_row0, col, bh_base,
-                   m_lo, m_hi, Sq, Sk, start_n, qk_scale, H,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MASK_K: tl.constexpr, DQ_TMA: tl.constexpr):
-        """Walk query tiles [m_lo, m_hi) for one key tile: the transposed FA2 backward (S^T, P^T)."""
+    def _attn_bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, DQacc, DK, DV, Lse2, Delta,
+                         H, Sq, Sk, qk_scale, sm_scale, q_chunk, split_stride, tune_key,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         DQ_TMA: tl.constexpr):
+        """One program = one key tile of one (batch, head) over one chunk of the queries.
+
+        The transposed FA2 backward: S^T = K Q^T and P^T, so dK and dV accumulate in registers as
+        [BN, D] and each query tile's share of dQ = dS K goes out as an fp32 reduce-add.
+        """
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        pid_s = tl.program_id(2)  # query chunk: > 1 only when there are too few key tiles (cross-attn)
+        b = pid_bh // H
+        col = (pid_bh % H) * HEAD_DIM
+        start_n = pid_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = desc_k.load([b * Sk + start_n, col])  # [BN, D]
+        v = desc_v.load([b * Sk + start_n, col])
+        # Keys past S_k (next batch element's rows): zero them, so their dQ share is exactly 0; their
+        # own dK/dV rows are computed but never stored. Once per program, not per tile.
+        k = tl.where(offs_n[:, None] < Sk, k, 0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        bh_base = pid_bh.to(tl.int64) * Sq
+        q_row0 = b * Sq
+        m_lo = pid_s * q_chunk
+        m_hi = tl.minimum(m_lo + q_chunk, Sq)
         for start_m in range(m_lo, m_hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = desc_q.load([q_row0 + start_m, col])  # [BM, D]
@@ -197,8 +218,6 @@ if _HAVE_TRITON:
             delta = tl.load(Delta + bh_base + offs_m, mask=offs_m < Sq, other=0.0)
             sT = tl.dot(k, tl.trans(q))  # [BN, BM]
             pT = tl.math.exp2(sT * qk_scale - lse2[None, :])
-            if MASK_K:
-                pT = tl.where(offs_n[:, None] < Sk, pT, 0.0)
             dv = tl.dot(pT.to(do.dtype), do, dv)
             dpT = tl.dot(v, tl.trans(do))  # [BN, BM]
             dsT = (pT * (dpT - delta[None, :])).to(q.dtype)  # dS^T without the softmax scale
@@ -210,38 +229,8 @@ if _HAVE_TRITON:
                 rows = (q_row0 + offs_m).to(tl.int64)
                 ptrs = DQacc + rows[:, None] * (H * HEAD_DIM) + col + tl.arange(0, HEAD_DIM)[None, :]
                 tl.atomic_add(ptrs, dq, mask=offs_m[:, None] < Sq, sem="relaxed")
-        return dk, dv
-
-    @triton.jit
-    def _attn_bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, DQacc, DK, DV, Lse2, Delta,
-                         H, Sq, Sk, qk_scale, sm_scale, q_chunk, split_stride, tune_key,
-                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         DQ_TMA: tl.constexpr):
-        """One program = one key tile of one (batch, head) over one chunk of the queries."""
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        pid_s = tl.program_id(2)  # query chunk: > 1 only when there are too few key tiles (cross-attn)
-        b = pid_bh // H
-        col = (pid_bh % H) * HEAD_DIM
-        start_n = pid_n * BLOCK_N
-        k = desc_k.load([b * Sk + start_n, col])  # [BN, D]
-        v = desc_v.load([b * Sk + start_n, col])
-        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-        bh_base = pid_bh.to(tl.int64) * Sq
-        m_lo = pid_s * q_chunk
-        m_hi = tl.minimum(m_lo + q_chunk, Sq)
-        if start_n + BLOCK_N <= Sk:
-            dk, dv = _bwd_tiles(dk, dv, k, v, desc_q, desc_do, desc_dq, DQacc, Lse2, Delta, b * Sq, col,
-                                bh_base, m_lo, m_hi, Sq, Sk, start_n, qk_scale, H,
-                                HEAD_DIM, BLOCK_M, BLOCK_N, False, DQ_TMA)
-        else:
-            dk, dv = _bwd_tiles(dk, dv, k, v, desc_q, desc_do, desc_dq, DQacc, Lse2, Delta, b * Sq, col,
-                                bh_base, m_lo, m_hi, Sq, Sk, start_n, qk_scale, H,
-                                HEAD_DIM, BLOCK_M, BLOCK_N, True, DQ_TMA)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
         rows = (b * Sk + offs_n).to(tl.int64)
+        offs_d = tl.arange(0, HEAD_DIM)
         offs = pid_s.to(tl.int64) * split_stride + rows[:, None] * (H * HEAD_DIM) + col + offs_d[None, :]
         tl.store(DK + offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < Sk)
         tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < Sk)
@@ -461,7 +450,8 @@ def flash_attention(q, k, v):
 # splits into a plain sum over K/V chunks of the primitive backward, with no renormalisation. dQ
 # accumulates locally. The dK/dV of a chunk travel one hop behind it, gaining each rank's
 # contribution, and after P hops land at the chunk's owner. All accumulation is fp32, including the
-# dK/dV that travel (twice the bytes of bf16, but no rounding at every hop).
+# dK/dV that travel (twice the bytes of bf16, but no rounding at every hop); only the last hop, which
+# carries a finished gradient and is the one transfer nothing overlaps, goes in the inputs' dtype.
 #
 # Communication is torch.distributed point-to-point with two buffers per travelling tensor: one is
 # computed on (and sent) while the other receives. It works on gloo (CPU tests) and NCCL. On NCCL
@@ -481,11 +471,17 @@ def _ring_layout(group):
     return rank, size, nxt, prv
 
 
-def _exchange_kv_sizes(q, k, v, group):
-    """Sequence length of every rank's K/V chunk, after checking that B, H, D agree across ranks."""
+def _check_qkv(q, k, v):
+    """Local shape and dtype checks, before any communication."""
     if k.shape != v.shape or q.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"ring_attention: need q [B,Sq,H,D] and k, v [B,Sk,H,D] of equal B, H, D; "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"ring_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _exchange_kv_sizes(k, group):
+    """Sequence length of every rank's K/V chunk, after checking that B, H, D agree across ranks."""
     if group is None or dist.get_world_size(group) == 1:
         return (k.shape[1],)
     mine = torch.tensor(list(k.shape), dtype=torch.int64, device=k.device)  # [B, Sk, H, D]
@@ -494,8 +490,6 @@ def _exchange_kv_sizes(q, k, v, group):
     shapes = torch.stack(every).tolist()
     if any((b, h, d) != (shapes[0][0], shapes[0][2], shapes[0][3]) for b, _, h, d in shapes):
         raise ValueError(f"ring_attention: ranks disagree on (B, H, D); their k shapes are {shapes}")
-    if any(s < 1 for _, s, _, _ in shapes):
-        raise ValueError(f"ring_attention: every rank must hold at least one token; k shapes {shapes}")
     return tuple(s for _, s, _, _ in shapes)
 
 
@@ -525,13 +519,13 @@ def _wait(requests):
 
 
 def _merge_partials(out, lse, out_s, lse_s):
-    """Merge softmax partials over disjoint key sets: out fp32 [B,S,H,D], lse fp32 [B,H,S]."""
+    """Merge softmax partials over disjoint key sets (out fp32 [B,S,H,D] updated in place, lse [B,H,S])."""
     if out is None:
         return out_s.float(), lse_s.float()
-    new_lse = torch.logaddexp(lse, lse_s)  # stable: never exponentiates a positive number
-    w_old = torch.exp(lse - new_lse).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1], each in [0, 1]
-    w_new = torch.exp(lse_s - new_lse).transpose(1, 2).unsqueeze(-1)
-    return out.mul_(w_old).add_(out_s.float() * w_new), new_lse
+    # The two weights exp(lse - new) and exp(lse_s - new) sum to 1, so the merge is one lerp with
+    # weight sigmoid(lse_s - lse): stable for any gap, and one pass over out instead of three.
+    w_new = torch.sigmoid(lse_s - lse).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
+    return out.lerp_(out_s.float(), w_new), torch.logaddexp(lse, lse_s)
 
 
 def _ring_forward(q, k, v, group, sizes):
@@ -584,15 +578,17 @@ def _ring_backward(dout, q, k, v, out, lse, group, sizes):
             _wait(dkv_requests)
             dkv[0].add_(dk_s)
             dkv[1].add_(dv_s)
-        # Pass it on; what arrives next is the chunk we hold at the next step (after the last step:
-        # our own chunk, complete).
-        dkv_in = _kv_view(dkv_bufs[(step + 1) % 2], sizes[(rank - step - 1) % P], k)
-        dkv_requests = _ring_step(dkv, dkv_in, nxt, prv, group, tag=2 * step + 1)
+        # Pass it on; what arrives next is the chunk we hold at the next step.
         if step < P - 1:
+            dkv_in = _kv_view(dkv_bufs[(step + 1) % 2], sizes[(rank - step - 1) % P], k)
+            dkv_requests = _ring_step(dkv, dkv_in, nxt, prv, group, tag=2 * step + 1)
             _wait(kv_requests)
             kv = kv_next
-    _wait(dkv_requests)
-    return dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype)
+    # Last hop: our own dK/dV arrive complete. Nothing overlaps this transfer, so it goes in k's
+    # dtype (the owner would round to it anyway), into the K/V buffer that is free by now.
+    dkv_own = _kv_view(kv_bufs[P % 2], sizes[rank], k)
+    _wait(_ring_step(dkv.to(k.dtype), dkv_own, nxt, prv, group, tag=2 * P))
+    return dq.to(q.dtype), dkv_own[0], dkv_own[1]
 
 
 class _RingAttention(torch.autograd.Function):
@@ -621,9 +617,15 @@ def ring_attention_with_lse(q, k, v, group=None, kv_sizes=None):
     saves one all-gather (and a host sync) per call when the caller knows it. The lse is not
     differentiable. With group None or of size 1 this is plain attention through the primitives.
     """
+    _check_qkv(q, k, v)
     if kv_sizes is None:
-        kv_sizes = _exchange_kv_sizes(q, k, v, group)
-    return _RingAttention.apply(q, k, v, group, tuple(int(s) for s in kv_sizes))
+        kv_sizes = _exchange_kv_sizes(k, group)
+    kv_sizes = tuple(int(s) for s in kv_sizes)
+    rank, P, _, _ = _ring_layout(group)
+    if len(kv_sizes) != P or kv_sizes[rank] != k.shape[1] or min(kv_sizes) < 1:
+        raise ValueError(f"ring_attention: kv_sizes {list(kv_sizes)} do not fit a ring of {P} ranks "
+                         f"in which rank {rank} holds {k.shape[1]} keys (and every rank at least one)")
+    return _RingAttention.apply(q, k, v, group, kv_sizes)
 
 
 def ring_attention(q, k, v, group=None, kv_sizes=None):

@@ -17,31 +17,36 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attention  # noqa: E402
 
-TOL = 1e-5  # relative error (Frobenius norm) allowed for fp32 against the float64 reference
+# Relative error (Frobenius norm) allowed against the float64 reference. bf16 carries 8 bits of
+# mantissa; its bound is there to catch wiring mistakes on the bf16 path (the last dK/dV hop travels
+# in the inputs' dtype), not to grade rounding.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 4e-2}
+F32, BF16 = torch.float32, torch.bfloat16
 
-# name -> (B, H, D, q chunk sizes, k/v chunk sizes, pass kv_sizes explicitly)
+# name -> (B, H, D, q chunk sizes, k/v chunk sizes, pass kv_sizes explicitly, dtype)
 CASES_2 = {
-    "equal": (2, 3, 16, [24, 24], [24, 24], False),
-    "ragged": (1, 2, 32, [7, 33], [7, 33], False),
-    "ragged_known_sizes": (2, 2, 8, [13, 4], [13, 4], True),
-    "q_and_kv_differ": (1, 2, 16, [3, 9], [8, 5], False),
+    "equal": (2, 3, 16, [24, 24], [24, 24], False, F32),
+    "ragged": (1, 2, 32, [7, 33], [7, 33], False, F32),
+    "ragged_known_sizes": (2, 2, 8, [13, 4], [13, 4], True, F32),
+    "q_and_kv_differ": (1, 2, 16, [3, 9], [8, 5], False, F32),
+    "bf16": (1, 2, 16, [10, 22], [10, 22], False, BF16),
 }
 CASES_4 = {
-    "equal": (1, 2, 16, [16, 16, 16, 16], [16, 16, 16, 16], False),
-    "ragged": (2, 3, 16, [5, 19, 1, 11], [5, 19, 1, 11], False),
+    "equal": (1, 2, 16, [16, 16, 16, 16], [16, 16, 16, 16], False, F32),
+    "ragged": (2, 3, 16, [5, 19, 1, 11], [5, 19, 1, 11], False, F32),
 }
 SUBGROUPS_4 = [[0, 2], [1, 3]]  # two independent rings over a 4-process world
-SUBGROUP_CASE = (1, 2, 16, [9, 14], [9, 14], False)
+SUBGROUP_CASE = (1, 2, 16, [9, 14], [9, 14], False, F32)
 
 
-def _inputs(seed, B, H, D, q_sizes, kv_sizes):
-    """Full-sequence fp32 q, k, v and an upstream gradient, the same in every process."""
+def _inputs(seed, B, H, D, q_sizes, kv_sizes, dtype):
+    """Full-sequence q, k, v and an upstream gradient in dtype, the same in every process."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, sum(q_sizes), H, D, generator=g)
     k = torch.randn(B, sum(kv_sizes), H, D, generator=g)
     v = torch.randn(B, sum(kv_sizes), H, D, generator=g)
     dout = torch.randn(B, sum(q_sizes), H, D, generator=g)
-    return q, k, v, dout
+    return tuple(x.to(dtype) for x in (q, k, v, dout))
 
 
 def _local(x, sizes, i):
@@ -51,8 +56,8 @@ def _local(x, sizes, i):
 
 def _run_case(seed, case, group, group_rank):
     """Ring attention on this rank's chunks; returns local out, lse and gradients."""
-    B, H, D, q_sizes, kv_sizes, known = case
-    q, k, v, dout = _inputs(seed, B, H, D, q_sizes, kv_sizes)
+    B, H, D, q_sizes, kv_sizes, known, dtype = case
+    q, k, v, dout = _inputs(seed, B, H, D, q_sizes, kv_sizes, dtype)
     q, k, v = (_local(x, s, group_rank).requires_grad_() for x, s in ((q, q_sizes), (k, kv_sizes), (v, kv_sizes)))
     out, lse = attention.ring_attention_with_lse(q, k, v, group, kv_sizes if known else None)
     out.backward(_local(dout, q_sizes, group_rank))
@@ -104,14 +109,14 @@ def _rel_err(a, b):
 
 def _check(name, seed, case, per_rank):
     """Stitch the ranks' chunks together and compare with the float64 reference."""
-    B, H, D, q_sizes, kv_sizes, _ = case
-    ref = _reference(*_inputs(seed, B, H, D, q_sizes, kv_sizes))
+    B, H, D, q_sizes, kv_sizes, _, dtype = case
+    ref = _reference(*_inputs(seed, B, H, D, q_sizes, kv_sizes, dtype))
     got = {key: torch.cat([r[key] for r in per_rank], dim=2 if key == "lse" else 1) for key in ref}
     for key in ref:
-        assert got[key].dtype == (torch.float32), (name, key, got[key].dtype)
+        assert got[key].dtype == (torch.float32 if key == "lse" else dtype), (name, key, got[key].dtype)
         assert got[key].shape == ref[key].shape, (name, key, got[key].shape, ref[key].shape)
         err = _rel_err(got[key], ref[key])
-        assert err <= TOL, f"{name}: {key} relative error {err:.2e} > {TOL}"
+        assert err <= TOL[dtype], f"{name}: {key} relative error {err:.2e} > {TOL[dtype]}"
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -132,11 +137,11 @@ def test_ring_matches_full_attention(world, tmp_path):
 
 def test_no_group_is_plain_attention():
     """group=None runs the primitives directly and still matches the reference, gradients included."""
-    case = (2, 2, 16, [11], [11], False)
-    ref = _reference(*_inputs(3, *case[:5]))
+    case = (2, 2, 16, [11], [11], False, F32)
+    ref = _reference(*_inputs(3, *case[:5], F32))
     got = _run_case(3, case, None, 0)
     for key in ref:
-        assert _rel_err(got[key], ref[key]) <= TOL, key
+        assert _rel_err(got[key], ref[key]) <= TOL[F32], key
 
 
 def test_merge_partials_is_stable_for_far_apart_lse():
@@ -149,7 +154,7 @@ def test_merge_partials_is_stable_for_far_apart_lse():
     ref_out, ref_lse = attention.reference_attention(q, k, v)
     out, lse = None, None
     for ks, vs in zip(k.split(6, 1), v.split(6, 1)):
-        out, lse = attention._merge_partials(out, lse, *attention.reference_attention(q, ks, vs))
+        out, lse = attention._merge_partials(out, lse, *attention.attention_forward(q, ks, vs))
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert _rel_err(out, ref_out) <= 1e-6 and _rel_err(lse, ref_lse) <= 1e-6  # the merge runs in fp32
 
@@ -192,3 +197,7 @@ def test_ring_attention_shape_errors():
         attention.ring_attention(q, torch.zeros(1, 4, 2, 8), torch.zeros(1, 5, 2, 8))
     with pytest.raises(ValueError, match="ring_attention"):
         attention.ring_attention(q, torch.zeros(1, 4, 3, 8), torch.zeros(1, 4, 3, 8))
+    with pytest.raises(ValueError, match="dtypes differ"):
+        attention.ring_attention(q, q.double(), q)
+    with pytest.raises(ValueError, match="kv_sizes"):
+        attention.ring_attention(q, q, q, kv_sizes=[5])

@@ -14,17 +14,19 @@ Layout conventions: a latent video is x_BCTHW with the views stacked along time,
 T = V * T_per_view ("(V T)"). Tokens are flattened in (view, frame, row, column) order.
 """
 
+import functools
 import math
 import os
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
 
-from attention import attention
+from attention import attention, ring_attention
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Configs
@@ -354,8 +356,11 @@ class MultiViewDiT(nn.Module):
         self.view_embeddings = nn.Embedding(c["n_cameras_emb"], c["n_cameras_emb"])
         self.checkpoint_blocks = False  # activation checkpointing per block (train.py switches it)
         self.skip_empty_text = True  # skip cross-attention for views whose T5 slot is all zeros (exact)
-        self.self_attn_fn = attention  # ring attention replaces this under context parallelism
-        self.frame_offset = 0  # first latent frame (per view) held by this rank under context parallelism
+        self.cp_group = None  # context parallelism: this rank holds a latent-frame range of every view
+
+    def enable_context_parallel(self, group):
+        """Shard the sequence over `group` (None: off). Inputs must then be this rank's shard_views()."""
+        self.cp_group = group if group is not None and dist.get_world_size(group) > 1 else None
 
     @torch.no_grad()
     def init_weights(self):
@@ -373,13 +378,13 @@ class MultiViewDiT(nn.Module):
         self.final_layer.adaln_modulation[2].weight.zero_()
         nn.init.normal_(self.view_embeddings.weight)
 
-    def rope(self, n_views, frames_per_view, h, w, fps, device):
-        """RoPE angles for this layout (frames offset by `frame_offset` under context parallelism)."""
+    def rope(self, n_views, frames_per_view, h, w, fps, device, frame_offset=0):
+        """RoPE angles for this layout; a context-parallel shard starts at `frame_offset`."""
         c = self.config
         return rope_angles(c["model_channels"] // c["num_heads"], n_views, frames_per_view, h, w, fps,
                            h_ratio=c["rope_h_extrapolation_ratio"], w_ratio=c["rope_w_extrapolation_ratio"],
                            t_ratio=c["rope_t_extrapolation_ratio"], base_fps=c["rope_base_fps"],
-                           frame_offset=self.frame_offset, device=device)
+                           frame_offset=frame_offset, device=device)
 
     def forward(self, x_B_C_T_H_W, timesteps_B_T, crossattn_emb, condition_video_input_mask_B_C_T_H_W,
                 fps=None, padding_mask=None, view_indices_B_T=None):
@@ -420,14 +425,21 @@ class MultiViewDiT(nn.Module):
         adaln_lora_BT3D = self.t_embedder[1](sinusoid_BTD)
         t_emb_BTD = self.t_embedding_norm(sinusoid_BTD)
 
-        rope = self.rope(V, Tt // V, h, w, fps, x.device)
+        # Under context parallelism x holds frames [r*T_local, (r+1)*T_local) of every view: RoPE gets the
+        # global frame positions and self-attention runs as a ring over the group's shards.
+        self_attn_fn, frame_offset = attention, 0
+        if self.cp_group is not None:
+            cp, cp_rank = dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)
+            frame_offset = cp_rank * (Tt // V)
+            self_attn_fn = functools.partial(ring_attention, group=self.cp_group, kv_sizes=[Tt * h * w] * cp)
+        rope = self.rope(V, Tt // V, h, w, fps, x.device, frame_offset)
         context_BVMD = crossattn_emb.to(dtype).reshape(B, V, self.text_slot_tokens, -1)
         active_views = context_BVMD.flatten(2).ne(0).any(-1).any(0).tolist()  # views with any text
         if not self.skip_empty_text:
             active_views = [True] * V
 
         for block in self.blocks:
-            args = (x_BTND, t_emb_BTD, adaln_lora_BT3D, context_BVMD, rope, active_views, self.self_attn_fn)
+            args = (x_BTND, t_emb_BTD, adaln_lora_BT3D, context_BVMD, rope, active_views, self_attn_fn)
             if self.checkpoint_blocks and torch.is_grad_enabled():
                 x_BTND = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:

@@ -199,11 +199,10 @@ if _HAVE_TRITON:
         col = (pid_bh % H) * HEAD_DIM
         start_n = pid_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = desc_k.load([b * Sk + start_n, col])  # [BN, D]
+        # desc_k is 3-D [B, S_k, H*D]: TMA zero-fills keys past S_k of this batch element, so their
+        # dQ share is exactly 0; their own dK/dV rows are computed but never stored.
+        k = desc_k.load([b, start_n, col]).reshape(BLOCK_N, HEAD_DIM)  # [BN, D]
         v = desc_v.load([b * Sk + start_n, col])
-        # Keys past S_k (next batch element's rows): zero them, so their dQ share is exactly 0; their
-        # own dK/dV rows are computed but never stored. Once per program, not per tile.
-        k = tl.where(offs_n[:, None] < Sk, k, 0.0)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         bh_base = pid_bh.to(tl.int64) * Sq
@@ -246,7 +245,8 @@ if _HAVE_TRITON:
         d = nargs["HEAD_DIM"]
         nargs["desc_q"].block_shape = nargs["desc_do"].block_shape = [nargs["BLOCK_M"], d]
         nargs["desc_dq"].block_shape = [nargs["BLOCK_M"], d]
-        nargs["desc_k"].block_shape = nargs["desc_v"].block_shape = [nargs["BLOCK_N"], d]
+        nargs["desc_k"].block_shape = [1, nargs["BLOCK_N"], d]
+        nargs["desc_v"].block_shape = [nargs["BLOCK_N"], d]
 
     def _fwd_config(bm, bn, warps, stages, ws=False):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=warps,
@@ -265,7 +265,7 @@ if _HAVE_TRITON:
         FWD_CONFIGS = [_fwd_config(128, 128, 8, 2), _fwd_config(128, 128, 8, 3),
                        _fwd_config(128, 64, 8, 3), _fwd_config(128, 64, 4, 3)]
         BWD_CONFIGS = [_bwd_config(64, 128, 8, 2), _bwd_config(64, 128, 8, 3),
-                       _bwd_config(64, 64, 4, 3), _bwd_config(32, 128, 8, 3)]
+                       _bwd_config(32, 128, 8, 2), _bwd_config(64, 64, 4, 3)]
 
     def _quick_bench(fn, quantiles):
         """Short timing for the autotuner: the kernels run for milliseconds, a few calls suffice."""
@@ -379,7 +379,8 @@ def _triton_backward(dout, q, k, v, out, lse, config=None, dq_tma=None, q_split=
     else:  # per-chunk fp32 partials, summed below (Sk is small whenever this happens)
         dk = torch.empty((split, B, Sk, H, D), dtype=torch.float32, device=q.device)
         dv = torch.empty_like(dk)
-    descs = [_desc(q, 64), _desc(k, 64), _desc(v, 64), _desc(dout, 64), _desc(dq_acc, 64)]
+    k_desc = TensorDescriptor(k, [B, Sk, H * D], [k.stride(0), k.stride(1), 1], [1, 64, D])
+    descs = [_desc(q, 64), k_desc, _desc(v, 64), _desc(dout, 64), _desc(dq_acc, 64)]
     sm_scale = 1.0 / math.sqrt(D)
     if dq_tma is None:
         dq_tma = not _INTERPRET  # the interpreter has no TMA reduce; use plain atomics there

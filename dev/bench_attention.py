@@ -1,0 +1,198 @@
+"""Benchmark the Triton attention kernels against PyTorch SDPA (cuDNN and flash backends).
+
+Layout [B, S, H, D] as the model calls it (SDPA gets transposed views, no copies), bf16, B=1, H=16,
+D=128. FLOPs: forward 4*Nq*Nk*D*H*B, backward 2.5x that. SDPA forward runs with inputs that require
+grad (training mode: it must produce the LSE too, as ours does). Backward = autograd.grad alone on a
+retained graph, so each side pays its own preprocessing (rowsum(dO*O), dQ accumulator) but no forward.
+
+  python dev/bench_attention.py --out bench_results/attention_kernels.md   # table for BENCH.md
+  python dev/bench_attention.py --sweep                                      # per-config numbers
+"""
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import attention as A  # noqa: E402
+import triton  # noqa: E402
+
+SIZES = [("self", 7950, 7950), ("self", 17600, 17600), ("self", 24640, 24640), ("self", 63600, 63600),
+         ("cross", 28160, 512)]
+
+
+def timeit(fn, rep_ms=300):
+    """Median milliseconds of fn (CUDA events through triton's do_bench)."""
+    return triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
+
+
+def inputs(Sq, Sk, H=16, D=128, B=1, dtype=torch.bfloat16):
+    """Random q, k, v, dout on the GPU (never zeros: they run faster than real data)."""
+    g = torch.Generator(device="cuda").manual_seed(Sq * 7 + Sk)
+    mk = lambda S: torch.randn(B, S, H, D, device="cuda", dtype=dtype, generator=g)
+    return mk(Sq), mk(Sk), mk(Sk), mk(Sq)
+
+
+def sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def bench_impl(name, q, k, v, do):
+    """(forward ms, backward ms) of one implementation."""
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}.get(name)
+    fn = A.flash_attention if name == "ours" else sdpa
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+
+    def run():
+        if backend is None:
+            return fn(*leaves)
+        with sdpa_kernel(backend):
+            return fn(*leaves)
+
+    out = run()  # also runs the autotuner on first use
+    f_ms = timeit(run)
+    b_ms = timeit(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+    return f_ms, b_ms
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def accuracy_line(q, k, v, do, n=2048):
+    """Relative error vs float64 of ours and cuDNN on the first n queries/keys (cheap reference)."""
+    q, k, v, do = q[:, :n], k[:, :n], v[:, :n], do[:, :n]
+    q64, k64, v64, do64 = (t.double() for t in (q, k, v, do))
+    ro, rl = A.reference_attention(q64, k64, v64)
+    ref = (ro, *A.reference_attention_backward(do64, q64, k64, v64, ro, rl))
+    res = {}
+    for name in ("ours", "cudnn"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        if name == "ours":
+            out = A.flash_attention(*leaves)
+        else:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out = sdpa(*leaves)
+        grads = torch.autograd.grad(out, leaves, do)
+        res[name] = [rel_err(t, r) for t, r in zip((out, *grads), ref)]
+    return res
+
+
+def main_table(args):
+    props = torch.cuda.get_device_properties(0)
+    rows = []
+    for kind, Sq, Sk in SIZES:
+        q, k, v, do = inputs(Sq, Sk)
+        flops = 4 * Sq * Sk * 128 * 16
+        row = {"kind": kind, "Sq": Sq, "Sk": Sk}
+        for name in ("ours", "cudnn", "flash"):
+            try:
+                f_ms, b_ms = bench_impl(name, q, k, v, do)
+                row[name] = (flops / f_ms / 1e9, 2.5 * flops / b_ms / 1e9, f_ms, b_ms)
+            except Exception as e:  # a backend may refuse a shape; say so in the table
+                row[name] = None
+                print(f"{name} {Sq}x{Sk}: {type(e).__name__}: {str(e)[:200]}")
+        row["cfg"] = (str(A._attn_fwd_tuned.best_config), str(A._attn_bwd_tuned.best_config))
+        rows.append(row)
+        fmt = lambda r, i: f"{r[i]:.0f}" if r else "n/a"
+        print(f"{kind:5s} {Sq:>7d} x {Sk:<7d} fwd ours {fmt(row['ours'], 0)} cudnn {fmt(row['cudnn'], 0)} "
+              f"flash {fmt(row['flash'], 0)} | bwd ours {fmt(row['ours'], 1)} cudnn {fmt(row['cudnn'], 1)} "
+              f"flash {fmt(row['flash'], 1)}  [{row['cfg'][0]} / {row['cfg'][1]}]", flush=True)
+        del q, k, v, do
+        torch.cuda.empty_cache()
+    acc = accuracy_line(*inputs(4096, 4096))
+
+    lines = ["## Attention kernels (issue 9)", "",
+             f"Card: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
+             f"triton {triton.__version__}, cuDNN {torch.backends.cudnn.version()}; "
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+             "", "Command: `python dev/bench_attention.py --out bench_results/attention_kernels.md`", "",
+             "B=1, H=16, D=128, bf16, layout [B, S, H, D], non-causal. TFLOP/s with forward = 4·Nq·Nk·D·H, "
+             "backward = 2.5× forward; medians of CUDA-event timings. SDPA forward in training mode "
+             "(inputs require grad).", "",
+             "| shape | Nq × Nk | fwd ours | fwd cuDNN | fwd flash | ours/cuDNN | bwd ours | bwd cuDNN "
+             "| bwd flash | ours/cuDNN |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = lambda name, i: f"{r[name][i]:.0f}" if r[name] else "n/a"
+        ratio = lambda i: f"{r['ours'][i] / r['cudnn'][i]:.2f}×" if r["ours"] and r["cudnn"] else "n/a"
+        lines.append(f"| {r['kind']} | {r['Sq']:,} × {r['Sk']:,} | {f('ours', 0)} | {f('cudnn', 0)} | "
+                     f"{f('flash', 0)} | {ratio(0)} | {f('ours', 1)} | {f('cudnn', 1)} | {f('flash', 1)} | {ratio(1)} |")
+    lines += ["", "Autotuned configs (forward / backward) per shape:", ""]
+    lines += [f"- {r['Sq']:,} × {r['Sk']:,}: {r['cfg'][0]} / {r['cfg'][1]}" for r in rows]
+    lines += ["", "Relative error vs float64 (Nq = Nk = 2,048 slice, bf16): out, dq, dk, dv",
+              f"- ours:  {', '.join(f'{e:.2e}' for e in acc['ours'])}",
+              f"- cuDNN: {', '.join(f'{e:.2e}' for e in acc['cudnn'])}", ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, args.out)
+
+
+def kernel_report(jit_fn):
+    """Registers, spills and tensor-core instruction counts of every compiled variant of jit_fn."""
+    out = []
+    for cache in jit_fn.device_caches.values():
+        for kern in cache[0].values():
+            try:
+                sass = kern.asm["sass"]
+                counts = {op: sass.count(op) for op in ("HGMMA", "HMMA", "UTMALDG", "UTMAREDG", "LDL", "STL")}
+            except Exception as e:
+                counts = {"sass": f"unavailable ({type(e).__name__})"}
+            out.append(f"  {kern.name}: warps={kern.metadata.num_warps} stages={kern.metadata.num_stages} "
+                       f"regs={kern.n_regs} spills={kern.n_spills} smem={kern.metadata.shared} {counts}")
+    return "\n".join(out)
+
+
+def sweep(args):
+    """Time explicit forward/backward configs at one long and one cross-attention shape."""
+    fwd = [(128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 64, 8, 3, False), (128, 64, 8, 4, False),
+           (64, 128, 4, 2, False), (64, 64, 4, 4, False), (256, 64, 8, 2, False), (128, 128, 8, 2, True)]
+    bwd = [(64, 128, 8, 2, True), (64, 128, 8, 3, True), (32, 128, 8, 2, True), (32, 128, 8, 3, True),
+           (64, 64, 4, 2, True), (64, 64, 4, 3, True), (64, 128, 8, 2, False), (32, 128, 8, 2, False)]
+    for kind, Sq, Sk in [("self", 24640, 24640), ("cross", 28160, 512)]:
+        q, k, v, do = inputs(Sq, Sk)
+        flops = 4 * Sq * Sk * 128 * 16
+        for bm, bn, w, s, ws in fwd:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, WARP_SPEC=ws)
+            try:
+                t0 = time.time()
+                A._triton_forward(q, k, v, config=cfg)
+                torch.cuda.synchronize()
+                ms = timeit(lambda: A._triton_forward(q, k, v, config=cfg), rep_ms=200)
+                print(f"fwd {kind} {cfg}: {flops / ms / 1e9:.0f} TF/s (compile+1st {time.time() - t0:.1f}s)",
+                      flush=True)
+            except Exception as e:
+                print(f"fwd {kind} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        out, lse = A._triton_forward(q, k, v)
+        for bm, bn, w, s, tma in bwd:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+            try:
+                t0 = time.time()
+                A._triton_backward(do, q, k, v, out, lse, config=cfg, dq_tma=tma)
+                torch.cuda.synchronize()
+                ms = timeit(lambda: A._triton_backward(do, q, k, v, out, lse, config=cfg, dq_tma=tma), rep_ms=200)
+                print(f"bwd {kind} {cfg} dq_tma={tma}: {2.5 * flops / ms / 1e9:.0f} TF/s "
+                      f"(compile+1st {time.time() - t0:.1f}s)", flush=True)
+            except Exception as e:
+                print(f"bwd {kind} {cfg} dq_tma={tma}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+    print("forward kernels:\n" + kernel_report(A._attn_fwd_kernel))
+    print("backward kernels:\n" + kernel_report(A._attn_bwd_kernel))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="markdown file for the results table (written atomically)")
+    parser.add_argument("--sweep", action="store_true", help="time explicit tile configs instead")
+    args = parser.parse_args()
+    if not (torch.cuda.is_available() and A.triton_available()):
+        sys.exit("bench_attention.py needs a CUDA GPU (Hopper) with Triton")
+    sweep(args) if args.sweep else main_table(args)

@@ -34,12 +34,12 @@ ADAPTER = "default"  # PEFT's adapter name; it is part of every official key
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / r) B(A(x)) around a frozen nn.Linear; `merged` folds B A into base."""
 
-    def __init__(self, base, rank=16, alpha=16, dtype=None):
+    def __init__(self, base, rank=16, alpha=16, dtype=torch.float32):
         super().__init__()
         self.base_layer = base
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.merged = False
-        kw = dict(bias=False, device=base.weight.device, dtype=dtype or base.weight.dtype)
+        kw = dict(bias=False, device=base.weight.device, dtype=dtype)
         self.lora_A = nn.ModuleDict({ADAPTER: nn.Linear(base.in_features, rank, **kw)})
         self.lora_B = nn.ModuleDict({ADAPTER: nn.Linear(rank, base.out_features, **kw)})
         nn.init.kaiming_uniform_(self.lora_A[ADAPTER].weight, a=math.sqrt(5))
@@ -50,9 +50,10 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         # Compute in the activations' dtype: casting the small adapter weights (not x) keeps the saved
-        # activations those of the base linear. With B = 0 the added term is exact zeros, so y is
-        # unchanged bit for bit. In place: the linear's backward does not need its output, and an
-        # MLP-sized temporary is worth avoiding at 720p.
+        # activations those of the base linear. float32 adapters cast to bf16 here are the official
+        # scheme (bf16 weights, float32 master copies in the optimiser) without a second copy. With
+        # B = 0 the added term is exact zeros, so y is unchanged bit for bit. In place: the linear's
+        # backward does not need its output, and an MLP-sized temporary is worth avoiding at 720p.
         a = self.lora_A[ADAPTER].weight.to(x.dtype)
         b = self.lora_B[ADAPTER].weight.to(x.dtype)
         return y.add_(F.linear(F.linear(x, a), b), alpha=self.scale)
@@ -72,12 +73,12 @@ def lora_modules(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def inject_lora(model, rank=16, alpha=16, targets=DEFAULT_TARGETS, dtype=None):
+def inject_lora(model, rank=16, alpha=16, targets=DEFAULT_TARGETS, dtype=torch.float32):
     """Wrap every linear whose name ends with a target (PEFT's suffix rule); freeze everything else.
 
     Returns the wrapped names. Do it after the base weights are loaded (MultiViewDiT.init_weights
     would re-initialise the adapters too) and before FSDP sharding. A draws from the global RNG: seed
-    identically on every rank. Adapters take the base dtype unless `dtype` is given.
+    identically on every rank. Adapters are float32 (see LoRALinear.forward) unless `dtype` is given.
     """
     if lora_modules(model):
         raise ValueError("model already has LoRA adapters")

@@ -73,7 +73,7 @@ def test_2b_count_and_official_layout_on_meta():
         assert list(sd[f"{name}.base_layer.weight"].shape) == [out_f, in_f]
         assert list(sd[f"{name}.lora_A.default.weight"].shape) == [16, in_f]
         assert list(sd[f"{name}.lora_B.default.weight"].shape) == [out_f, 16]
-        assert sd[f"{name}.lora_A.default.weight"].dtype == torch.bfloat16  # the base dtype
+        assert sd[f"{name}.lora_A.default.weight"].dtype == torch.float32  # master-precision adapters
     assert len(sd) == 568 + 2 * 280
 
 
@@ -95,6 +95,13 @@ def test_fresh_injection_is_bitwise_identity():
         assert torch.equal(model(**x), ref)
     with pytest.raises(ValueError, match="already has LoRA"):
         inject_lora(model)
+
+    # bf16 base with float32 adapters (the training setup): still the identity, bit for bit.
+    model = build_dit("tiny", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ref = model(**x)
+        inject_lora(model)
+        assert torch.equal(model(**x), ref)
 
 
 def test_training_step_touches_only_adapters_and_merge_matches():
@@ -244,7 +251,8 @@ def test_cli_writes_plain_merged_weights(tmp_path, monkeypatch):
     model, base, _ = trained_lora_model()
     ref = merged_state_dict(model)
     from safetensors.torch import load_file, save_file
-    base_file, adapters, out = (str(tmp_path / n) for n in ("base.safetensors", "a.safetensors", "m.safetensors"))
+    base_file, adapters, out = (str(tmp_path / n)
+                                for n in ("base.safetensors", "a.safetensors", "m.safetensors"))
     save_file(base.state_dict(), base_file)
     save_lora(adapters, model)
     monkeypatch.setattr(sys, "argv", ["lora.py", "--base", base_file, "--lora", adapters, "--out", out])

@@ -154,11 +154,11 @@ def kernel_report(jit_fn):
 
 def sweep(args):
     """Time explicit forward/backward configs at one long and one cross-attention shape."""
-    fwd = [(128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 64, 8, 3, False), (128, 64, 8, 4, False),
-           (64, 128, 4, 2, False), (64, 64, 4, 4, False), (256, 64, 8, 2, False), (128, 128, 8, 2, True)]
-    bwd = [(64, 128, 8, 2, True), (64, 128, 8, 3, True), (32, 128, 8, 2, True), (32, 128, 8, 3, True),
-           (64, 64, 4, 2, True), (64, 64, 4, 3, True), (64, 128, 8, 2, False), (32, 128, 8, 2, False)]
-    for kind, Sq, Sk in [("self", 24640, 24640), ("cross", 28160, 512)]:
+    fwd = [(128, 128, 8, 3, False), (128, 64, 8, 3, False)]
+    bwd = [(64, 128, 8, 2, True, False), (64, 128, 8, 3, True, False), (64, 128, 8, 2, False, False),
+           (64, 128, 8, 3, False, False), (64, 128, 8, 2, True, True), (64, 128, 8, 3, True, True),
+           (64, 128, 8, 2, False, True), (64, 128, 8, 3, False, True)]
+    for kind, Sq, Sk in [("self", 24640, 24640), ("self", 24640, 24640), ("cross", 28160, 512)]:
         q, k, v, do = inputs(Sq, Sk)
         flops = 4 * Sq * Sk * 128 * 16
         for bm, bn, w, s, ws in fwd:
@@ -173,17 +173,17 @@ def sweep(args):
             except Exception as e:
                 print(f"fwd {kind} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         out, lse = A._triton_forward(q, k, v)
-        for bm, bn, w, s, tma in bwd:
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+        for bm, bn, w, s, tma, early in bwd:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, DQ_TMA=tma, EARLY_DP=early)
             try:
                 t0 = time.time()
-                A._triton_backward(do, q, k, v, out, lse, config=cfg, dq_tma=tma)
+                A._triton_backward(do, q, k, v, out, lse, config=cfg)
                 torch.cuda.synchronize()
-                ms = timeit(lambda: A._triton_backward(do, q, k, v, out, lse, config=cfg, dq_tma=tma), rep_ms=200)
-                print(f"bwd {kind} {cfg} dq_tma={tma}: {2.5 * flops / ms / 1e9:.0f} TF/s "
+                ms = timeit(lambda: A._triton_backward(do, q, k, v, out, lse, config=cfg), rep_ms=200)
+                print(f"bwd {kind} {cfg}: {2.5 * flops / ms / 1e9:.0f} TF/s "
                       f"(compile+1st {time.time() - t0:.1f}s)", flush=True)
             except Exception as e:
-                print(f"bwd {kind} {cfg} dq_tma={tma}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                print(f"bwd {kind} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
     print("forward kernels:\n" + kernel_report(A._attn_fwd_kernel))
     print("backward kernels:\n" + kernel_report(A._attn_bwd_kernel))
 

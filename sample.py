@@ -2,7 +2,7 @@
 
     python sample.py --ckpt checkpoints/nvidia/Cosmos-Predict2-2B-Multiview/model-720p-10fps-7views-29frames.pt \
         --prompt "A car drives down a wet street at dusk." --input_path input.mp4 --num_conditional_frames 1
-    python sample.py --ckpt outputs/run/checkpoints/model/iter_000002000.pt --load_ema --prompt prompt.txt
+    python sample.py --ckpt <run>/checkpoints/model/iter_000002000.pt --load_ema --prompt prompt.txt  # train.py run
     torchrun --nproc_per_node 8 sample.py ...          # context parallel: same video as one GPU, faster
 
 Writes an mp4 with the views stacked vertically in view order (the official layout) at the data fps,
@@ -343,7 +343,11 @@ def find_run_config(ckpt, path=None):
             raise ValueError(f"run config {path}: {e}") from e
     trainer = ckpt.parent.parent / "trainer" / ckpt.name
     if ckpt.parent.name == "model" and trainer.is_file():
-        state = torch.load(trainer, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(trainer, map_location="cpu", weights_only=True)
+        except Exception as e:  # not readable without unpickling code: do without it
+            print(f"warning: could not read the run config from {trainer}: {e}", file=sys.stderr)
+            return None
         if isinstance(state, dict) and isinstance(state.get("config"), dict):
             return state["config"]
     return None
@@ -669,7 +673,8 @@ def parse_args(argv=None):
     a("--overwrite", action="store_true", help="re-generate outputs that already exist")
     a("--dtype", choices=["bf16", "fp32"], help="DiT and VAE dtype (default: bf16 on GPU, fp32 on CPU)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--benchmark", action="store_true", help="time random-weight 2b sampling at 720p, 7 views (GPU)")
+    a("--benchmark", action="store_true",
+      help="time sampling with random weights (default 2b, 720p, 7 views, 29 frames; --preset/--n_views/... change it)")
     a("--bench_steps", type=int, default=3, help="--benchmark: steps to time (0 = all --steps)")
     args = p.parse_args(argv)
     if not args.benchmark and not args.ckpt:
@@ -741,7 +746,10 @@ def _init_distributed(device):
 def main(argv=None):
     args = parse_args(argv)
     if args.benchmark:
-        return benchmark_sampling(steps=args.steps, timed_steps=args.bench_steps, device=args.device)
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or "bf16"]
+        return benchmark_sampling(n_views=args.n_views or 7, height=args.height or 704, width=args.width or 1280,
+                                  num_frames=args.num_frames or 29, steps=args.steps, timed_steps=args.bench_steps,
+                                  guidance=args.guidance, preset=args.preset or "2b", device=args.device, dtype=dtype)
     group, rank = _init_distributed(args.device)
     device = f"cuda:{torch.cuda.current_device()}" if args.device.startswith("cuda") and group else args.device
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if "cuda" in device else "fp32")]
@@ -789,6 +797,9 @@ def main(argv=None):
                                        "--negative_prompt")
             else:
                 uncond = context  # official: empty negative prompt -> uncond = cond, CFG is a no-op
+                if args.guidance:
+                    log("note: empty negative prompt: uncond = cond as in the official pipeline, so guidance has "
+                        "no effect (--uncond zero guides against zero text, as training-time samples do)")
             n_cond = args.num_conditional_frames
             n_cond = (1 if j["input"] else 0) if n_cond is None else n_cond
             if n_cond and not j["input"]:
@@ -826,62 +837,63 @@ def main(argv=None):
 
 
 def benchmark_sampling(n_views=7, height=704, width=1280, num_frames=29, steps=STEPS, timed_steps=3,
-                       guidance=7.0, preset="2b", device="cuda", dtype=torch.bfloat16, decode=True):
+                       guidance=7.0, preset="2b", vae_preset="wan2.1", device="cuda", dtype=torch.bfloat16,
+                       decode=True):
     """Per-step and total sampling time of the official setting on one GPU; prints a BENCH.md row.
 
-    Every step costs the same (one CFG evaluation of batch 2 plus a tiny update), so `timed_steps` of
-    the real schedule are timed after one warm-up step and the full run (steps + the final clean
-    evaluation + decoding) is projected; timed_steps=0 runs and times all of them.
+    Random weights (speed does not depend on them). Every step costs the same (one CFG evaluation of
+    batch 2 plus a tiny update), so after one warm-up step (kernel tuning) `timed_steps` steps of the
+    real schedule are timed and the full run (steps + final clean evaluation + decoding) is projected;
+    timed_steps=0 runs and times all of them (about 20 min for 720p x 7 views on one H100).
     """
-    if not str(device).startswith("cuda") or not torch.cuda.is_available():
-        raise RuntimeError("benchmark_sampling needs a CUDA device")
+    cuda = str(device).startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(0)
     net = build_dit(preset, device=device, dtype=dtype).eval().requires_grad_(False)
-    vae = build_vae("wan2.1", seed=0, dtype=dtype, device=device) if decode else None
+    vae = build_vae(vae_preset, seed=0, dtype=dtype, device=device) if decode else None
     t = (num_frames - 1) // 4 + 1
     D = net.config["crossattn_emb_channels"]
     context = torch.zeros(1, n_views * TEXT_SLOT_TOKENS, D)
-    context[0, :60] = torch.randn(60, D)  # a caption of 60 tokens in slot 0, the others empty
+    context[0, :60] = torch.randn(60, D)  # a 60-token caption in slot 0, the other slots empty
     uncond = torch.zeros_like(context)
-    uncond[0, :40] = torch.randn(40, D)
+    uncond[0, :40] = torch.randn(40, D)  # a negative prompt in slot 0: two CFG branches
     noise = initial_noise((1, 16, n_views * t, height // 8, width // 8), 0)
     x0_fn = guided_x0_fn(net, context.to(device), uncond.to(device), guidance,
-                         latent_view_indices(list(range(n_views)), t).to(device),
-                         torch.tensor([10.0], device=device))
-    sigmas = karras_sigmas(steps)
+                         latent_view_indices(list(range(n_views)), t).to(device), torch.tensor([10.0], device=device))
     n = steps if timed_steps <= 0 else min(timed_steps + 1, steps)  # +1: the warm-up step
     times = []
 
     def tick(i, x0, x):
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter())
 
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    sync()
     start = time.perf_counter()
-    torch.cuda.reset_peak_memory_stats()
-    latent = sample_ab2(x0_fn, noise.to(device), sigmas[: n + 1], callback=tick)
-    torch.cuda.synchronize()
+    latent = sample_ab2(x0_fn, noise.to(device), karras_sigmas(steps)[: n + 1], callback=tick)
+    sync()
     end = time.perf_counter()
     per_step = np.diff([start] + times)
-    steady = float(np.mean(per_step[1:])) if len(per_step) > 1 else float(per_step[0])
+    steady = float(np.mean(per_step[1:])) if n > 1 else float(per_step[0])
     final_eval = end - times[-1]
     decode_s = 0.0
     if decode:
-        torch.cuda.synchronize()
         t0 = time.perf_counter()
         decode_views(vae, latent, n_views)
-        torch.cuda.synchronize()
+        sync()
         decode_s = time.perf_counter() - t0
     measured = n == steps
-    total = (end - start if measured else per_step[0] + (steps - 1) * steady + final_eval) + decode_s
-    result = dict(device=torch.cuda.get_device_name(), preset=preset, n_views=n_views, height=height, width=width,
-                  num_frames=num_frames, steps=steps, first_step_s=float(per_step[0]), per_step_s=steady,
-                  final_eval_s=final_eval, decode_s=decode_s, total_s=float(total), total_measured=measured,
-                  peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+    sampling = end - start if measured else float(per_step[0]) + (steps - 1) * steady + final_eval
+    result = dict(device=torch.cuda.get_device_name() if cuda else "cpu", preset=preset, n_views=n_views,
+                  height=height, width=width, num_frames=num_frames, steps=steps, dtype=str(dtype),
+                  first_step_s=float(per_step[0]), per_step_s=steady, final_eval_s=final_eval,
+                  sampling_s=sampling, decode_s=decode_s, total_s=sampling + decode_s, total_measured=measured,
+                  peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
     print(json.dumps(result, indent=1))
-    print(f"| sample.py {preset}, {n_views} views x {num_frames} frames {height}x{width}, {steps} steps, CFG "
-          f"batch 2, bf16 | {result['device']} | {steady:.2f} s/step | {total:.0f} s total"
-          f"{'' if measured else ' (projected)'} incl. decode {decode_s:.1f} s | {result['peak_mem_gib']:.1f} GiB |")
+    print(f"| sample.py {preset}, {n_views} views x {num_frames} frames {height}x{width}, {steps} steps + final, "
+          f"CFG batch 2 | {result['device']} | {steady:.2f} s/step | {result['total_s']:.0f} s total"
+          f"{'' if measured else ' (projected)'}, decode {decode_s:.1f} s |")
     return result
 
 

@@ -285,6 +285,16 @@ def test_lora_checkpoint_is_merged(tmp_path):
     other = "blocks.0.mlp.layer1.weight"
     assert torch.equal(loaded.state_dict()[other], net.state_dict()[other])
 
+    # adapter-only file + the base weights it was trained from
+    torch.save({f"net.{k}": v for k, v in net.state_dict().items()}, tmp_path / "base.pt")
+    torch.save({k: v for k, v in sd.items() if ".lora_" in k}, tmp_path / "adapters.pt")
+    merged = sample.load_dit_for_sampling(tmp_path / "adapters.pt", "demo", dtype=torch.float32,
+                                          base_ckpt=tmp_path / "base.pt")
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(merged.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="only LoRA adapters"):
+        sample.load_dit_for_sampling(tmp_path / "adapters.pt", "demo")
+
 
 # ---------------------------------------------------------------------------------------------------
 # end to end: our training-checkpoint layout + run config, text through a tiny T5, mp4 out
@@ -342,6 +352,24 @@ def test_cli_end_to_end_on_our_checkpoint(run_dir):
     err = np.abs(luma(frames[:, H:2 * H]) - luma(view1)).mean()
     assert err < 4, err
     assert err < 0.3 * np.abs(luma(frames[:, :H]) - luma(view1)).mean()  # and it is not view 0
+
+
+def test_settings_official_defaults_and_run_config():
+    """No run config: the official 7 views 0..6 at 704x1280 x 29, caption in slot 0, fps 10 (30 on request)."""
+    s = sample.resolve_settings(sample.parse_args(["--ckpt", "x.pt"]), None)
+    assert (s["view_ids"], s["height"], s["width"], s["num_frames"]) == (list(range(7)), 704, 1280, 29)
+    assert (s["caption_view"], s["fps"], s["rope_fps"], s["dit_preset"]) == (0, 10.0, 10.0, "2b")
+    s = sample.resolve_settings(sample.parse_args(["--ckpt", "x.pt", "--official_fps30", "--view_ids", "4,5,0,1,2"]),
+                                None)
+    assert (s["fps"], s["rope_fps"], s["caption_view"]) == (10.0, 30.0, 2)  # mp4 at 10, RoPE as the script
+    waymo = {"model": "2b", "vae": "wan2.1", "vae_path": "tok.pth", "vae_seed": 0, "height": 480, "width": 848,
+             "num_frames": 29, "camera_keys": ["l", "fl", "f", "fr", "r"], "front_camera_key": "f",
+             "camera_to_view_id": {"f": 0, "fr": 1, "r": 2, "l": 4, "fl": 5}, "init": "official.pt",
+             "lora_rank": 16, "lora_alpha": 16}
+    s = sample.resolve_settings(sample.parse_args(["--ckpt", "x.pt"]), waymo)
+    assert s["view_ids"] == [4, 5, 0, 1, 2] and s["caption_view"] == 2 and (s["height"], s["width"]) == (480, 848)
+    assert (s["vae_path"], s["vae_seed"], s["base_ckpt"], s["lora_alpha"]) == ("tok.pth", None, "official.pt", 16.0)
+    assert s["labels"] == ["l", "fl", "f", "fr", "r"]
 
 
 def test_cli_skips_existing_and_reports_bad_input(run_dir, capsys):
@@ -420,3 +448,12 @@ def test_context_parallel_sampling_equals_one_process(tmp_path):
     for r in range(2):
         got = torch.load(tmp_path / f"lat.{r}", weights_only=True)
         assert got.shape == ref.shape and rel(got, ref) < 1e-5, r
+
+
+def test_benchmark_runs_and_projects_the_full_schedule():
+    """The GPU benchmark's bookkeeping, on CPU with the demo model: 1 warm-up + 2 timed steps of 6."""
+    r = sample.benchmark_sampling(n_views=2, height=16, width=32, num_frames=5, steps=6, timed_steps=2,
+                                  preset="demo", vae_preset="tiny", device="cpu", dtype=torch.float32)
+    assert not r["total_measured"] and r["per_step_s"] > 0 and r["decode_s"] > 0
+    want = r["first_step_s"] + 5 * r["per_step_s"] + r["final_eval_s"]
+    assert abs(r["sampling_s"] - want) < 1e-9 and abs(r["total_s"] - want - r["decode_s"]) < 1e-9

@@ -25,6 +25,16 @@ V, T_PIX, H, W = 3, 5, 32, 48  # 3 views x 5 pixel frames (2 latent) of 32x48 (l
 T_LAT = 2
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second intra-op thread only adds synchronisation (and stalls badly when
+    the other core is busy), so run this module single-threaded and restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rel(a, b):
     """Frobenius relative error in float64."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()

@@ -1,0 +1,697 @@
+"""Benchmark post-training: real training iterations of the 2B multiview DiT, attention kernels, VAE, sampling.
+
+    python bench.py                                   # everything on one GPU (~10 min on an H100)
+    torchrun --nproc_per_node=8 bench.py --setups 720p-7v   # data parallel over the GPUs torchrun gives
+    python bench.py --setups 480p-5v --backends triton sdpa-cudnn --iters 3
+    python bench.py --tiny                            # CPU smoke test: tiny model, same code paths (tests)
+
+Training iterations go through train.py itself (build_model, EMA, build_optimizer, train_step) with
+random weights, a random Wan2.1 VAE and random uint8 videos in memory: online VAE encoding, the
+rectified-flow loss, backward, clipping, AdamW and EMA all run as in training. Per setup it reports the
+median over timed iterations after warm-up, the split into data / VAE / forward-backward / optimizer,
+FLOP rates and MFU against a bf16 GEMM peak measured in the same run, peak memory, and the seed's
+8-GPU number beside ours in GPU-seconds per training sample.
+
+Sections, in reading order:
+  1. setups       the seed's table, our shapes, the memory plan for one 80 GB GPU
+  2. FLOP model   model and hardware FLOPs of one iteration (shared/reference/perf.md conventions)
+  3. measuring    timers, GEMM peak, attention kernels, training iterations, VAE, sampling
+  4. ring model   predicted 8-GPU context-parallel times from our measured kernel rates
+  5. report       markdown tables + JSON (written atomically after every section)
+"""
+
+import os
+
+# Before torch touches CUDA: fewer fragmentation OOMs when 720p fills the card.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+
+import attention  # noqa: E402
+import train  # noqa: E402
+from model import VAE_PRESETS, WanVAE, build_dit, dit_config  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Setups
+# ---------------------------------------------------------------------------------------------------
+# The seed's table: s/iter on 8 H100 with context parallelism 8, batch 1, full fine-tune, online VAE
+# (perf.md section 0). One sample per iteration on 8 GPUs = 8 x s/iter GPU-seconds per sample.
+
+SEED_S_PER_ITER = {"720p-7v": 8.9, "720p-5v": 6.5, "480p-5v": 3.5}
+SEED_GPUS = 8
+
+SETUPS = {  # train.py preset + the views and pixels of one sample (29 frames each)
+    "480p-5v": dict(preset="waymo5views_480p", n_views=5, height=480, width=848),
+    "720p-5v": dict(preset="waymo5views", n_views=5, height=704, width=1280),
+    "720p-7v": dict(preset="waymo5views", n_views=7, height=704, width=1280),
+    "lora-720p-5v": dict(preset="waymo5views_lora", n_views=5, height=704, width=1280),
+    # --tiny: the demo DiT and the tiny VAE on the CPU, same code paths
+    "tiny": dict(preset="demo", n_views=2, height=64, width=96, num_frames=5),
+}
+
+# Memory plan for one 80 GB H100, batch 1, tried in order (the next one after an out-of-memory error).
+# Static state of the 2B model: fp32 weights 7.8 GB + fp32 grads 7.8 + AdamW 15.6 + fp32 EMA 7.8 = 39 GB.
+# Activations per token and block (bf16 compute, measured by saved-tensor hooks on the real block): the
+# checkpointed block input 4 KB, a saved attention output 4 KB (self) + 4 KB (cross), and ~200 KB for the
+# one block being recomputed in backward (fp32 RMSNorm/RoPE intermediates dominate). So 720p-5v
+# (140,800 tokens) needs 16 GB of block inputs + 28 GB for one block: the EMA goes to the CPU; 720p-7v
+# (197,120 tokens: 22 + 39 GB) also moves weights, gradients and AdamW there (FSDP2 CPU offload).
+# 480p (63,600 tokens) keeps every attention output: 21 + 13 GB next to the 39 GB of state.
+MEMORY_PLANS = {  # setup: [(activation_checkpointing, offload), ...]
+    "480p-5v": [("save_attention", "none"), ("full", "none"), ("full", "ema")],
+    "720p-5v": [("full", "ema"), ("full", "all")],
+    "720p-7v": [("full", "all")],
+    "lora-720p-5v": [("full", "none")],
+    "tiny": [("save_attention", "none")],
+}
+
+# Attention backends for whole iterations: attention.py's Triton kernels, or PyTorch SDPA with its
+# default kernel choice, or SDPA with cuDNN first (what the kernel table shows to be fastest on H100).
+BACKENDS = ("triton", "sdpa", "sdpa-cudnn", "reference")
+
+
+def attention_context(backend):
+    """Set attention.py's backend; returns the context manager that fixes SDPA's kernel order (if any)."""
+    attention.set_backend("sdpa" if backend.startswith("sdpa") else backend)
+    if backend != "sdpa-cudnn":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # older torch: the list only enables, in the default order
+        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+
+
+def training_config(setup, ac, offload, backend, overrides=()):
+    """train.py's config for one setup and memory plan (random weights: init='', random VAE)."""
+    s = SETUPS[setup]
+    config = train.resolve_config(s["preset"], ["init=''", "save_every=0", "sample_every=0", *overrides])
+    cams = [f"camera_{i}" for i in range(s["n_views"])]  # view ids 0..V-1 of the 7-view embedding
+    config.update(height=s["height"], width=s["width"], num_frames=s.get("num_frames", config["num_frames"]),
+                  camera_keys=cams, camera_to_view_id={c: i for i, c in enumerate(cams)}, front_camera_key=cams[0],
+                  activation_checkpointing=ac, offload=offload,
+                  attention_backend="sdpa" if backend.startswith("sdpa") else backend)
+    train.check_config(config)
+    return config
+
+
+def attention_recomputed(ac, backend):
+    """Does backward re-run the attention forward? Selective checkpointing can only keep aten ops: the
+    Triton kernels sit inside an autograd.Function, so 'save_attention' keeps nothing of theirs."""
+    return ac == "full" or (ac == "save_attention" and backend == "triton")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. FLOP model
+# ---------------------------------------------------------------------------------------------------
+# Every matrix product of one forward pass (elementwise work is not counted), for batch 1:
+#   token-proportional linears per block: self q,k,v,o (4 D^2), cross q,o (2 D^2), MLP (2 D H_mlp)
+#   cross k,v on the 512 caption tokens of every view; AdaLN-LoRA and the time MLP once per latent frame
+#   self-attention 4 N^2 D per block (QK^T and PV), cross-attention 4 N 512 D per block
+#   patch embed and final linear per token.
+# Model FLOPs = 3 x forward (backward counted as 2 x forward for every op). Hardware FLOPs: backward of
+# attention = 2.5 x forward (the FlashAttention recompute of QK^T), plus what checkpointing recomputes.
+
+
+def tokens(cfg, n_views, num_frames, height, width):
+    """(N tokens, latent frames in total) of one sample."""
+    t = 1 + (num_frames - 1) // 4  # Wan VAE: 4x in time
+    p, pt = cfg["patch_spatial"], cfg["patch_temporal"]
+    frames = n_views * t // pt
+    return frames * (height // 8 // p) * (width // 8 // p), n_views * t
+
+
+def forward_flops(cfg, n_views, num_frames, height, width, text_tokens=512):
+    """Matmul FLOPs of one forward pass of one sample, by kind (dict of floats)."""
+    D, L, r = cfg["model_channels"], cfg["num_blocks"], cfg["adaln_lora_dim"]
+    H_mlp, Dc = int(D * cfg["mlp_ratio"]), cfg["crossattn_emb_channels"]
+    p, pt = cfg["patch_spatial"], cfg["patch_temporal"]
+    N, frames = tokens(cfg, n_views, num_frames, height, width)
+    ctx = text_tokens * n_views
+    patch_in = (cfg["in_channels"] + 2 + cfg["n_cameras_emb"]) * p * p * pt
+    out_dim = p * p * pt * cfg["out_channels"]
+    f = dict(
+        linear=2.0 * N * L * (6 * D * D + 2 * D * H_mlp),
+        cross_kv=2.0 * L * ctx * Dc * D * 2,
+        self_attn=4.0 * L * N * N * D,
+        cross_attn=4.0 * L * N * text_tokens * D,
+        adaln=2.0 * frames * (L * 3 * (D * r + r * 3 * D) + (D * D + D * 3 * D) + (D * r + r * 2 * D)),
+        embed=2.0 * N * (patch_in * D + D * out_dim),
+    )
+    f["total"] = sum(f.values())
+    return f
+
+
+def iteration_flops(cfg, n_views, num_frames, height, width, recompute="none", lora=False):
+    """Model and hardware FLOPs of one training iteration of one sample (VAE not included).
+
+    recompute: 'none', 'non_attention' (attention outputs kept) or 'all' (the block forward re-runs).
+    lora: the frozen base weights get no weight gradients (backward of those linears = 1x forward).
+    """
+    f = forward_flops(cfg, n_views, num_frames, height, width)
+    attn = f["self_attn"] + f["cross_attn"]
+    other = f["total"] - attn
+    model = 3 * f["total"]
+    backward = 2.5 * attn + (1 if lora else 2) * other
+    extra = {"none": 0.0, "non_attention": other, "all": f["total"]}[recompute]
+    return dict(forward=f, model=model, hardware=f["total"] + backward + extra,
+                attention_share=attn / f["total"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Measuring
+# ---------------------------------------------------------------------------------------------------
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device, reps=3, warmup=1):
+    """Median wall seconds of fn() over reps calls after warmup calls (device synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gemm_peak(device, tiny):
+    """Dense matmul rate (TFLOP/s): bf16 8192^3 on a GPU (the MFU denominator), fp32 256^3 on the CPU."""
+    n, dtype = (256, torch.float32) if tiny else (8192, torch.bfloat16)
+    g = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))  # never zeros
+    sec = median_time(lambda: a @ b, device, reps=5 if tiny else 20, warmup=2 if tiny else 5)
+    return dict(n=n, dtype=str(dtype).replace("torch.", ""), tflops=2 * n ** 3 / sec / 1e12)
+
+
+def attention_impls(device):
+    """{name: attention(q, k, v) on [B, S, H, D]} for the kernel table."""
+    def sdpa_with(order):
+        from torch.nn.attention import sdpa_kernel
+
+        def fn(q, k, v):
+            with sdpa_kernel(order):
+                return attention.attention(q, k, v, backend="sdpa")
+        return fn
+
+    if device.type != "cuda":
+        return {"sdpa": lambda q, k, v: attention.attention(q, k, v, backend="sdpa"),
+                "reference": lambda q, k, v: attention.attention(q, k, v, backend="reference")}
+    from torch.nn.attention import SDPBackend
+
+    impls = {}
+    if attention.triton_available():
+        impls["ours (triton)"] = attention.flash_attention
+    impls["sdpa default"] = lambda q, k, v: attention.attention(q, k, v, backend="sdpa")
+    impls["sdpa cudnn"] = sdpa_with([SDPBackend.CUDNN_ATTENTION])
+    impls["sdpa flash"] = sdpa_with([SDPBackend.FLASH_ATTENTION])
+    return impls
+
+
+def kernel_table(device, shapes, heads, head_dim, reps):
+    """Forward and backward TFLOP/s of every attention implementation at (name, Sq, Sk) shapes."""
+    rows = []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for name, Sq, Sk in shapes:
+        g = torch.Generator(device=device).manual_seed(Sq + 7 * Sk)
+        mk = lambda S: torch.randn(1, S, heads, head_dim, device=device, dtype=dtype, generator=g)  # noqa: E731
+        q, k, v, do = mk(Sq), mk(Sk), mk(Sk), mk(Sq)
+        fwd_flops = 4.0 * Sq * Sk * heads * head_dim
+        row = dict(shape=name, Sq=Sq, Sk=Sk, heads=heads, fwd_flops=fwd_flops)
+        for impl, fn in attention_impls(device).items():
+            try:
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                fwd = median_time(lambda: fn(*leaves), device, reps=reps)
+                out = fn(*leaves)
+                bwd = median_time(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True), device, reps=reps)
+                row[impl] = dict(fwd_s=fwd, bwd_s=bwd, fwd_tflops=fwd_flops / fwd / 1e12,
+                                 bwd_tflops=2.5 * fwd_flops / bwd / 1e12)
+                del out, leaves
+            except Exception as e:  # a backend may refuse a shape: say so in the table
+                row[impl] = dict(error=f"{type(e).__name__}: {str(e)[:160]}")
+        rows.append(row)
+        print(f"kernels {name} {Sq}x{Sk}: " + ", ".join(
+            f"{i} {r['fwd_tflops']:.0f}/{r['bwd_tflops']:.0f}" if "fwd_tflops" in r else f"{i} {r['error']}"
+            for i, r in ((i, row[i]) for i in attention_impls(device))), flush=True)
+        del q, k, v, do
+        free_memory(device)
+    return rows
+
+
+def random_vae(config, device, dtype):
+    """The Wan2.1 VAE with random weights, built directly on the device (no file, no CPU init)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config["vae_seed"])
+        with torch.device(device):
+            vae = WanVAE(**VAE_PRESETS[config["vae"]])
+    return vae.to(dtype=dtype).eval().requires_grad_(False)
+
+
+def synthetic_batch(config, n_views, seed, device):
+    """One loader batch as train.MultiviewDataset + default collate give it (random pixels, caption)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, H, W = config["batch_size"], config["num_frames"], config["height"], config["width"]
+    video = torch.randint(0, 256, (B, n_views, T, 3, H, W), dtype=torch.uint8, generator=g)
+    context = torch.zeros(B, n_views, 512, dit_config(config["model"])["crossattn_emb_channels"])
+    context[:, 0, :60] = 0.1 * torch.randn(B, 60, context.shape[-1], generator=g)  # the front camera's caption
+    if device.type == "cuda":
+        video = video.pin_memory()  # as the DataLoader's pin_memory=True
+    return dict(video=video, t5_text_embeddings=context.flatten(1, 2),
+                view_ids=torch.arange(n_views).expand(B, n_views), fps=torch.full((B,), 10.0, dtype=torch.float64))
+
+
+def bench_training(setup, backend, plan, iters, warmup, device, rank, world, overrides=()):
+    """Time real train.train_step iterations of one setup; returns the result dict (or raises OOM)."""
+    ac, offload = plan
+    s = SETUPS[setup]
+    config = training_config(setup, ac, offload, backend, overrides)
+    free_memory(device)
+    t_build = time.perf_counter()
+    mesh = init_device_mesh(device.type, (world,))
+    net, trainable = train.build_model(config, device, mesh, resuming=False)
+    params = dict(net.named_parameters())
+    trainable_params = [params[n] for n in trainable]
+    ema = train.EMA([(n, params[n]) for n in trainable], offload=offload != "none")
+    optimizer, scheduler = train.build_optimizer(config, trainable_params)
+    vae = random_vae(config, device, torch.bfloat16 if config["precision"] == "bf16" else torch.float32)
+    batches = [synthetic_batch(config, s["n_views"], seed=rank * 1000 + i, device=device) for i in range(2)]
+    sync(device)
+    build_s = time.perf_counter() - t_build
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rows = []
+    try:
+        with attention_context(backend):
+            for it in range(warmup + iters):
+                phases, last = {}, [time.perf_counter()]
+
+                def mark(name):
+                    sync(device)
+                    now = time.perf_counter()
+                    phases[name] = now - last[0]
+                    last[0] = now
+
+                sync(device)
+                t0 = last[0] = time.perf_counter()
+                batch = batches[it % len(batches)]  # in memory: the loader's workers decode ahead of the GPU
+                mark("data")
+                loss, grad_norm = train.train_step(net, vae, batch, optimizer, scheduler, ema, it, config,
+                                                   trainable_params, device, rank, mark=mark)
+                phases["total"] = time.perf_counter() - t0
+                rows.append(dict(phases, loss=loss, grad_norm=grad_norm))
+                if rank == 0:
+                    print(f"  {setup} {backend} {ac}/{offload} iter {it}{' (warm-up)' if it < warmup else ''}: "
+                          + " ".join(f"{k} {v:.2f}s" for k, v in phases.items()) + f" loss {loss:.3f}", flush=True)
+        ema.wait()
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else train.peak_memory_gb(device)
+        reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else None
+    finally:
+        ema.wait()
+        del net, params, trainable_params, ema, optimizer, scheduler, vae, batches
+        free_memory(device)
+    timed = rows[warmup:] or rows
+    med = {k: statistics.median(r[k] for r in timed) for k in ("data", "vae", "forward_backward", "optimizer", "total")}
+    cfg = dit_config(config["model"])
+    recompute = "all" if attention_recomputed(ac, backend) else ("non_attention" if ac != "none" else "none")
+    fl = iteration_flops(cfg, s["n_views"], config["num_frames"], config["height"], config["width"], recompute,
+                         lora=config["lora_rank"] > 0)
+    B = config["batch_size"]
+    return dict(setup=setup, backend=backend, activation_checkpointing=ac, offload=offload,
+                attention_recomputed=attention_recomputed(ac, backend), world=world, batch_per_rank=B,
+                tokens=tokens(cfg, s["n_views"], config["num_frames"], config["height"], config["width"])[0],
+                warmup=warmup, iters=len(timed), build_s=build_s, median=med, iterations=rows,
+                model_flops=fl["model"] * B, hardware_flops=fl["hardware"] * B, forward_flops=fl["forward"],
+                attention_share=fl["attention_share"], peak_mem_gib=peak, peak_reserved_gib=reserved,
+                gpu_s_per_sample=med["total"] * world / (world * B))
+
+
+def train_with_fallback(setup, backend, iters, warmup, device, rank, world, plans=None, overrides=()):
+    """bench_training with the first memory plan that fits; out-of-memory attempts are recorded."""
+    failed = []
+    for plan in plans or MEMORY_PLANS[setup]:
+        try:
+            r = bench_training(setup, backend, plan, iters, warmup, device, rank, world, overrides)
+            r["oom_plans"] = failed
+            return r
+        except torch.OutOfMemoryError as e:
+            failed.append(dict(plan=list(plan), error=str(e).splitlines()[0][:200]))
+            if rank == 0:
+                print(f"  {setup} {backend} {plan}: out of memory, trying the next plan", flush=True)
+            free_memory(device)
+    return dict(setup=setup, backend=backend, error="out of memory with every plan", oom_plans=failed)
+
+
+def bench_vae(device, tiny, reps):
+    """Encode and decode of one 29-frame view (704x1280 bf16 on a GPU): seconds and peak memory."""
+    frames, H, W = (5, 32, 48) if tiny else (29, 704, 1280)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    config = dict(vae="tiny" if tiny else "wan2.1", vae_seed=0)
+    vae = random_vae(config, device, dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    video = torch.randint(0, 256, (1, 3, frames, H, W), dtype=torch.uint8, device=device, generator=g)
+    latent = torch.randn(1, 16, 1 + (frames - 1) // 4, H // 8, W // 8, device=device, generator=g)
+    out = {}
+    for name, fn in (("encode", lambda: vae.encode(video)), ("decode", lambda: vae.decode(latent))):
+        fn()  # warm-up
+        free_memory(device)
+        sec = median_time(fn, device, reps=reps, warmup=0)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+        out[name] = dict(seconds=sec, peak_mem_gib=peak)
+    del vae
+    free_memory(device)
+    return dict(frames=frames, height=H, width=W, dtype=str(dtype).replace("torch.", ""), **out)
+
+
+def bench_sampling(device, tiny, warmup, evals, backend):
+    """One CFG sampling step (batch of 2 through the DiT) at 720p x 7 views, as sample.py runs it."""
+    import sample
+
+    attn = attention_context(backend)
+
+    n_views, frames, H, W = (2, 5, 64, 96) if tiny else (7, 29, 704, 1280)
+    preset, dtype = ("demo", torch.float32) if tiny else ("2b", torch.bfloat16)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        net = build_dit(preset, device=device, dtype=dtype).eval().requires_grad_(False)
+    t = 1 + (frames - 1) // 4
+    D = net.config["crossattn_emb_channels"]
+    g = torch.Generator().manual_seed(0)
+    context = torch.zeros(1, n_views * 512, D)
+    context[0, :60] = torch.randn(60, D, generator=g)  # a caption in slot 0, as sample.py --benchmark
+    uncond = torch.zeros_like(context)
+    uncond[0, :40] = torch.randn(40, D, generator=g)  # a negative prompt: two CFG branches
+    x0_fn = sample.guided_x0_fn(net, context.to(device), uncond.to(device), 7.0,
+                                sample.latent_view_indices(list(range(n_views)), t).to(device),
+                                torch.tensor([10.0], device=device))
+    x = torch.randn(1, 16, n_views * t, H // 8, W // 8, generator=g).mul_(80.0).to(device)
+    free_memory(device)
+    with torch.no_grad(), attn:
+        sec = median_time(lambda: x0_fn(x, 80.0), device, reps=evals, warmup=warmup)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    del net, x0_fn
+    free_memory(device)
+    steps = sample.STEPS
+    return dict(n_views=n_views, frames=frames, height=H, width=W, steps=steps, per_step_s=sec,
+                warmup=warmup, evals=evals, peak_mem_gib=peak, backend=backend,
+                sampling_s_projected=(steps + 1) * sec)  # 35 AB2 steps + the final clean evaluation
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Ring model: 8 GPUs, context parallelism 8, from our measured kernel rates
+# ---------------------------------------------------------------------------------------------------
+# Each of P ranks holds S = N/P tokens. Per layer the ring runs P attention steps of S x S (forward) and
+# P backward steps, each overlapping the transfer of the next K/V chunk (bf16) or of the travelling
+# dK/dV (fp32): a step costs max(compute, transfer). Not hidden: the fp32 merge of (out, lse) per
+# forward step and the fp32 adds per backward step (HBM passes), and the last dK/dV hop per layer.
+# Everything else of our 1-GPU iteration (linears, norms, VAE, optimizer) divides by P: each rank runs
+# the same code on 1/P of the tokens, encodes at most one view, and owns 1/P of the optimizer state.
+
+NVLINK_BYTES_S = 300e9  # per direction, conservative for H100 SXM NVLink 4 (P2P)
+HBM_BYTES_S = 3.0e12
+
+
+def rate_at(kernels, S, impl, which):
+    """Measured TFLOP/s of impl ('fwd'/'bwd') at the kernel-table shape closest to S self-attention."""
+    rows = [r for r in kernels if r["Sq"] == r["Sk"] and "fwd_tflops" in r.get(impl, {})]
+    if not rows:
+        return None
+    row = min(rows, key=lambda r: abs(math.log(r["Sq"] / S)))
+    return row[impl][f"{which}_tflops"] * 1e12
+
+
+def ring_model(result, kernels, vae, impl, P=8, recompute_attention=False):
+    """Predicted s/iter at CP=P for one measured 1-GPU training result."""
+    fwd_rate, bwd_rate = rate_at(kernels, result["tokens"] / P, impl, "fwd"), rate_at(kernels, result["tokens"] / P, impl, "bwd")
+    big_fwd, big_bwd = rate_at(kernels, result["tokens"], impl, "fwd"), rate_at(kernels, result["tokens"], impl, "bwd")
+    if None in (fwd_rate, bwd_rate, big_fwd, big_bwd):
+        return None
+    D, L = 2048, 28
+    S = result["tokens"] / P
+    step_flops = 4.0 * S * S * D
+    kv_bytes = 2 * S * D * 2
+    fwd_step = max(step_flops / fwd_rate, kv_bytes / NVLINK_BYTES_S) + 3 * S * D * 4 / HBM_BYTES_S
+    bwd_step = max(2.5 * step_flops / bwd_rate, (kv_bytes + 2 * S * D * 4) / NVLINK_BYTES_S) + 6 * S * D * 4 / HBM_BYTES_S
+    layer = P * fwd_step * (2 if recompute_attention else 1) + P * bwd_step + kv_bytes / NVLINK_BYTES_S
+    attn_cp = L * layer
+    # our 1-GPU attention time from the long-sequence rates; the rest of forward-backward divides by P
+    f = result["forward_flops"]
+    attn_1gpu = f["self_attn"] * ((2 if result["attention_recomputed"] else 1) / big_fwd + 2.5 / big_bwd)
+    rest = max(result["median"]["forward_backward"] - attn_1gpu, 0.0) / P
+    vae_one_view = vae["encode"]["seconds"] if vae else result["median"]["vae"] / 5
+    opt = result["median"]["optimizer"] / P
+    total = attn_cp + rest + vae_one_view + opt
+    return dict(P=P, local_tokens=S, impl=impl, fwd_tflops=fwd_rate / 1e12, bwd_tflops=bwd_rate / 1e12,
+                fwd_step_ms=fwd_step * 1e3, bwd_step_ms=bwd_step * 1e3,
+                compute_over_comm_fwd=(step_flops / fwd_rate) / (kv_bytes / NVLINK_BYTES_S),
+                attention_s=attn_cp, other_dit_s=rest, vae_s=vae_one_view, optimizer_s=opt, total_s=total,
+                attention_1gpu_est_s=attn_1gpu)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Report
+# ---------------------------------------------------------------------------------------------------
+
+
+def write_json(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def markdown(res):
+    """The BENCH.md tables from a results dict."""
+    out = [f"Card: {res['device']}; torch {res['torch']}, triton {res.get('triton')}, "
+           f"cuDNN {res.get('cudnn')}; {res['date']}; world size {res['world']}.", ""]
+    peak = res.get("gemm", {}).get("tflops")
+    if peak:
+        out += [f"GEMM peak measured in this run: {peak:.0f} TFLOP/s ({res['gemm']['dtype']} "
+                f"{res['gemm']['n']}^3 matmul); MFU below is model FLOPs / (GPUs x this peak x time).", ""]
+    if res.get("training"):
+        out += ["| setup | attention | checkpointing / offload | s/iter (median) | data | VAE | fwd+bwd | optimizer "
+                "| model PFLOP | TFLOP/s model (hw) | MFU | peak GiB | GPU-s/sample: ours vs seed | ratio |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["training"]:
+            if "median" not in r:
+                out.append(f"| {r['setup']} | {r['backend']} | {r.get('error')} | | | | | | | | | | | |")
+                continue
+            m = r["median"]
+            tf = r["model_flops"] / m["total"] / 1e12
+            hw = r["hardware_flops"] / m["total"] / 1e12
+            mfu = f"{100 * tf / peak:.0f}%" if peak else "n/a"
+            seed = SEED_S_PER_ITER.get(r["setup"])  # full fine-tune setups only
+            seed_gpu_s = seed * SEED_GPUS if seed else None
+            cmp_ = f"{r['gpu_s_per_sample']:.1f} vs {seed_gpu_s:.0f}" if seed_gpu_s else f"{r['gpu_s_per_sample']:.1f}"
+            ratio = f"{seed_gpu_s / r['gpu_s_per_sample']:.2f}x" if seed_gpu_s else ""
+            out.append(f"| {r['setup']} | {r['backend']} | {r['activation_checkpointing']} / {r['offload']}"
+                       f"{' (attn recomputed)' if r['attention_recomputed'] else ''} | {m['total']:.2f} "
+                       f"({r['iters']} it) | {m['data']:.2f} | {m['vae']:.2f} | {m['forward_backward']:.2f} | "
+                       f"{m['optimizer']:.2f} | {r['model_flops'] / 1e15:.2f} | {tf:.0f} ({hw:.0f}) | {mfu} | "
+                       f"{r['peak_mem_gib']:.1f} | {cmp_} | {ratio} |")
+        out.append("")
+    if res.get("kernels"):
+        impls = [k for k in res["kernels"][0] if isinstance(res["kernels"][0][k], dict)]
+        out += ["Attention kernels, B=1, bf16, [B, S, H, D], non-causal; TFLOP/s forward / backward "
+                "(forward 4·Sq·Sk·H·d, backward 2.5×):", "",
+                "| shape | Sq × Sk, heads | " + " | ".join(impls) + " |", "|---|---|" + "---|" * len(impls)]
+        for r in res["kernels"]:
+            cells = [f"{r[i]['fwd_tflops']:.0f} / {r[i]['bwd_tflops']:.0f}" if "fwd_tflops" in r[i] else "n/a"
+                     for i in impls]
+            out.append(f"| {r['shape']} | {r['Sq']:,} × {r['Sk']:,}, {r['heads']} | " + " | ".join(cells) + " |")
+        out.append("")
+    if res.get("vae"):
+        v = res["vae"]
+        mem = lambda d: f", peak {d['peak_mem_gib']:.1f} GiB" if d.get("peak_mem_gib") else ""  # noqa: E731
+        out += [f"VAE, one view {v['frames']}x{v['height']}x{v['width']} {v['dtype']}: encode "
+                f"{v['encode']['seconds']:.2f} s{mem(v['encode'])}; decode {v['decode']['seconds']:.2f} s"
+                f"{mem(v['decode'])}.", ""]
+    if res.get("sampling"):
+        s = res["sampling"]
+        decode = res["vae"]["decode"]["seconds"] * s["n_views"] if res.get("vae") else 0.0
+        out += [f"Sampling {s['n_views']} views x {s['frames']}x{s['height']}x{s['width']}, CFG batch 2, "
+                f"attention {s['backend']}: {s['per_step_s']:.2f} s/step (median of {s['evals']} after "
+                f"{s['warmup']} warm-up), peak {s['peak_mem_gib'] or 0:.1f} GiB; projected {s['steps']} steps + "
+                f"final evaluation {s['sampling_s_projected']:.0f} s + decode {decode:.0f} s = "
+                f"{s['sampling_s_projected'] + decode:.0f} s.", ""]
+    if res.get("ring"):
+        out += ["Ring model, 8 GPUs, CP=8 (our measured kernel rates at the local length; NVLink 300 GB/s):", "",
+                "| setup | kernels | local tokens | fwd / bwd TF/s | compute/comm | attention | other DiT | VAE | "
+                "optimizer | predicted s/iter | seed |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, m in res["ring"].items():
+            out.append(f"| {name} | {m['impl']} | {m['local_tokens']:,.0f} | {m['fwd_tflops']:.0f} / "
+                       f"{m['bwd_tflops']:.0f} | {m['compute_over_comm_fwd']:.1f}x | {m['attention_s']:.2f} | "
+                       f"{m['other_dit_s']:.2f} | {m['vae_s']:.2f} | {m['optimizer_s']:.2f} | {m['total_s']:.2f} | "
+                       f"{SEED_S_PER_ITER.get(m['setup'], '')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: demo DiT, tiny VAE, tiny shapes")
+    p.add_argument("--setups", nargs="*", help=f"training setups (default all but tiny): {list(SETUPS)}")
+    p.add_argument("--backends", nargs="*", help=f"attention backends for training {BACKENDS} "
+                                                 "(default: triton and sdpa-cudnn on CUDA, sdpa on CPU)")
+    p.add_argument("--plan", action="append", default=[], metavar="SETUP=AC:OFFLOAD",
+                   help="force a memory plan, e.g. 720p-5v=full:all (repeatable)")
+    p.add_argument("--iters", type=int, default=2, help="timed iterations per setup")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up iterations per setup (autotuning, allocator)")
+    p.add_argument("--set", action="append", default=[], metavar="key=value", help="train.py config override")
+    p.add_argument("--skip", nargs="*", default=[], choices=["gemm", "kernels", "training", "vae", "sampling"])
+    p.add_argument("--runs", nargs="*", metavar="SETUP:BACKEND[:WARMUP:ITERS]",
+                   help="explicit training runs instead of --setups x --backends, e.g. 720p-7v:sdpa-cudnn:0:1")
+    p.add_argument("--sample_backend", default="auto", help="attention for the sampling step (sample.py: auto)")
+    p.add_argument("--sample_warmup", type=int, default=1)
+    p.add_argument("--sample_evals", type=int, default=1)
+    p.add_argument("--out", default="bench_results/bench.json", help="results JSON (rewritten after every section)")
+    p.add_argument("--md", help="also write the markdown tables here")
+    args = p.parse_args(argv)
+
+    rank, world, device, created = train.setup_distributed()
+    tiny = args.tiny or device.type != "cuda"
+    if tiny and not args.tiny:
+        print("no GPU: running the --tiny CPU smoke test")
+    setups = args.setups if args.setups is not None else (["tiny"] if tiny else [s for s in SETUPS if s != "tiny"])
+    backends = args.backends or (["sdpa", "reference"] if tiny else
+                                 (["triton", "sdpa-cudnn"] if attention.triton_available() else ["sdpa-cudnn"]))
+    plans = {}
+    for item in args.plan:
+        name, _, spec = item.partition("=")
+        ac, _, off = spec.partition(":")
+        plans[name] = [(ac, off or "none")]
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    res = dict(date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+               device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               torch=torch.__version__, triton=triton_version,
+               cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None, world=world,
+               command=" ".join(sys.argv), tiny=tiny)
+    out_dir = os.path.dirname(args.out)
+    if rank == 0 and out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+
+    def save():
+        if rank == 0:
+            write_json(args.out, res)
+            if args.md:
+                tmp = f"{args.md}.tmp{os.getpid()}"
+                with open(tmp, "w") as f:
+                    f.write(markdown(res) + "\n")
+                os.replace(tmp, args.md)
+
+    def section(name, fn):
+        if name in args.skip:
+            return
+        t0 = time.perf_counter()
+        try:
+            res[name] = fn()
+        except Exception as e:  # one broken section must not cost the others (device time is scarce)
+            res.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:500]
+            if rank == 0:
+                print(f"section {name} failed: {type(e).__name__}: {e}", flush=True)
+            if tiny:
+                raise
+        if rank == 0:
+            print(f"section {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        free_memory(device)
+        save()
+
+    try:
+        section("gemm", lambda: gemm_peak(device, tiny))
+        if tiny:
+            shapes, heads, hd, reps = [("self", 64, 64), ("cross", 96, 24)], 2, 64, 3
+        else:  # the 1-GPU sequence (480p) and the per-GPU lengths at CP=8 of the three setups; cross = one 720p view
+            shapes = [("self, CP=8 480p-5v", 7950, 7950), ("self, CP=8 720p-5v", 17600, 17600),
+                      ("self, CP=8 720p-7v", 24640, 24640), ("self, 1 GPU 480p-5v", 63600, 63600),
+                      ("cross, 720p view", 28160, 512)]
+            heads, hd, reps = 16, 128, 5
+        section("kernels", lambda: kernel_table(device, shapes, heads, hd, reps))
+        section("vae", lambda: bench_vae(device, tiny, reps=2))
+
+        runs = []
+        for item in args.runs or []:
+            setup, backend, *counts = item.split(":")
+            warmup, iters = (int(counts[0]), int(counts[1])) if counts else (args.warmup, args.iters)
+            runs.append((setup, backend, warmup, iters))
+        if args.runs is None:  # the longest setup and LoRA run once, with the last (preferred) backend
+            runs = [(s, b, args.warmup, args.iters) for s in setups for b in backends
+                    if tiny or not (s == "720p-7v" or s.startswith("lora")) or b == backends[-1]]
+        for setup, backend, _, _ in runs:
+            if setup not in SETUPS or backend not in BACKENDS:
+                p.error(f"unknown run {setup}:{backend}; setups {list(SETUPS)}, backends {BACKENDS}")
+
+        def training():
+            results = res.setdefault("training_partial", [])
+            for setup, backend, warmup, iters in runs:
+                try:
+                    r = train_with_fallback(setup, backend, iters, warmup, device, rank, world, plans.get(setup),
+                                            args.set)
+                except Exception as e:  # record and go on with the next run
+                    if tiny:
+                        raise
+                    r = dict(setup=setup, backend=backend, error=f"{type(e).__name__}: {e}"[:400])
+                    print(f"  {setup} {backend} failed: {r['error']}", flush=True)
+                    free_memory(device)
+                results.append(r)
+                save()
+            return results
+
+        section("training", training)
+        res.pop("training_partial", None)
+        section("sampling", lambda: bench_sampling(device, tiny, args.sample_warmup, args.sample_evals,
+                                                   args.sample_backend))
+        if res.get("kernels") and res.get("training"):
+            impl = "ours (triton)" if not tiny and attention.triton_available() else "sdpa"
+            ring = {}
+            for r in res["training"]:
+                if "median" in r and r["setup"] in SEED_S_PER_ITER:
+                    for name in dict.fromkeys([impl, "sdpa cudnn" if not tiny else "sdpa"]):
+                        m = ring_model(r, res["kernels"], res.get("vae"), name)
+                        if m:
+                            ring[f"{r['setup']} ({r['backend']} run, {name})"] = dict(m, setup=r["setup"])
+            res["ring"] = ring
+        save()
+        if rank == 0:
+            print(markdown(res), flush=True)
+        return res
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

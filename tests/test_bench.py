@@ -1,0 +1,139 @@
+"""bench.py: the --tiny CPU run end to end, its FLOP model against PyTorch's FLOP counter, offload exactness."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import attention
+import bench
+import train
+from model import build_dit, dit_config
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    md = out.with_suffix(".md")
+    res = bench.main(["--tiny", "--out", str(out), "--md", str(md)])
+    return res, json.loads(out.read_text()), md.read_text()
+
+
+def test_tiny_run_reports_sane_numbers(tiny_report):
+    res, saved, md = tiny_report
+    assert saved["training"] == json.loads(json.dumps(res["training"], default=str))  # the file is the report
+    assert not res.get("errors")
+    assert res["gemm"]["tflops"] > 0
+    assert {r["backend"] for r in res["training"]} == {"sdpa", "reference"}
+    for r in res["training"]:
+        m = r["median"]
+        assert all(m[k] >= 0 for k in ("data", "vae", "forward_backward", "optimizer"))
+        assert m["total"] > 0 and m["forward_backward"] > 0 and m["vae"] > 0
+        for it in r["iterations"]:  # the phases tile the iteration
+            parts = it["data"] + it["vae"] + it["forward_backward"] + it["optimizer"]
+            assert parts <= it["total"] * 1.05 + 1e-3 and parts >= it["total"] * 0.8
+            assert math.isfinite(it["loss"]) and it["loss"] > 0
+        assert r["iters"] == 2 and r["warmup"] == 1 and len(r["iterations"]) == 3
+        assert r["model_flops"] == pytest.approx(3 * r["forward_flops"]["total"])
+        assert r["hardware_flops"] > r["model_flops"]  # attention backward 2.5x + recompute
+        assert 0 < r["attention_share"] < 1 and r["peak_mem_gib"] > 0
+    # same seeds, same data: the two attention backends train the same numbers
+    a, b = res["training"]
+    assert [it["loss"] for it in a["iterations"]] == pytest.approx([it["loss"] for it in b["iterations"]], rel=1e-4)
+    for row in res["kernels"]:
+        assert all(row[i]["fwd_tflops"] > 0 and row[i]["bwd_tflops"] > 0 for i in ("sdpa", "reference"))
+    assert res["vae"]["encode"]["seconds"] > 0 and res["vae"]["decode"]["seconds"] > 0
+    assert res["sampling"]["per_step_s"] > 0
+    assert res["sampling"]["sampling_s_projected"] == pytest.approx(36 * res["sampling"]["per_step_s"])
+    assert "| tiny | sdpa |" in md and "Attention kernels" in md
+
+
+def test_flop_model_equals_pytorch_flop_counter():
+    """Every matmul of one forward pass, counted by torch's FlopCounterMode on the tiny model."""
+    attention.set_backend("reference")  # einsum -> bmm, which the counter sees (SDPA on CPU it may not)
+    try:
+        V, frames, H, W = 2, 5, 64, 96
+        net = build_dit("demo", dtype=torch.float32)
+        net.skip_empty_text = False  # training computes every view's cross-attention
+        t = 1 + (frames - 1) // 4
+        x = torch.randn(1, 16, V * t, H // 8, W // 8)
+        with FlopCounterMode(display=False) as counter:
+            net(x, torch.rand(1, V * t), torch.randn(1, V * 512, 64), torch.zeros(1, 1, V * t, H // 8, W // 8),
+                fps=torch.tensor([10.0]))
+    finally:
+        attention.set_backend("auto")
+    f = bench.forward_flops(dit_config("demo"), V, frames, H, W)
+    assert f["total"] == counter.get_total_flops()
+    # and the parts by hand for this shape: N = 2 views * 2 frames * (4 * 6) patches = 96 tokens
+    D, L = 128, 4
+    N = 96
+    assert bench.tokens(dit_config("demo"), V, frames, H, W) == (N, V * t)
+    assert f["self_attn"] == 4 * L * N * N * D
+    assert f["linear"] == 2 * N * L * 14 * D * D
+
+
+def test_flop_model_matches_the_spec_table():
+    """perf.md section 1.2: model FLOPs 28.76 / 15.08 / 3.44 PF; attention 93 / 90.5 / 81 % of the forward."""
+    cfg = dit_config("2b")
+    for (V, H, W), pf, share in (((7, 704, 1280), 28.76, 0.93), ((5, 704, 1280), 15.08, 0.905),
+                                 ((5, 480, 848), 3.44, 0.81)):
+        fl = bench.iteration_flops(cfg, V, 29, H, W)
+        assert fl["model"] / 1e15 == pytest.approx(pf, rel=0.01)
+        assert fl["attention_share"] == pytest.approx(share, abs=0.01)
+    assert bench.tokens(cfg, 7, 29, 704, 1280)[0] == 197_120
+
+
+def test_offloaded_ema_is_the_same_math():
+    """train.EMA with offload (CPU shadow, background thread) equals the on-device EMA, and checkpoints alike."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    named = [("a", params[0]), ("b", params[1])]
+    plain, off = train.EMA(named), train.EMA(named, offload=True)
+    for it in range(4):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        beta = train.ema_beta(it, 0.1)
+        plain.update(beta)
+        off.update(beta)
+    sd_plain, sd_off = plain.full_state_dict(), off.full_state_dict()
+    assert all(torch.equal(sd_plain[k], sd_off[k]) for k in sd_plain)
+    with off.swapped_in():
+        assert torch.equal(params[0].detach(), sd_plain["a"])
+    off.load_full_state_dict({k: v * 2 for k, v in sd_plain.items()})
+    assert torch.equal(off.full_state_dict()["b"], 2 * sd_plain["b"])
+
+
+def test_triton_attention_is_recomputed_under_selective_checkpointing():
+    """The report's 'attn recomputed' flag: SAC keeps aten attention ops, not the Triton autograd.Function."""
+    calls = {"n": 0}
+    forward = attention.attention_forward
+
+    def counting(q, k, v):
+        calls["n"] += 1
+        return forward(q, k, v)
+
+    g = torch.Generator().manual_seed(1)
+    V, T, H, W = 2, 2, 4, 6
+    inputs = (torch.randn(1, 16, V * T, H, W, generator=g), torch.rand(1, V * T, generator=g),
+              torch.randn(1, V * 512, 64, generator=g), torch.zeros(1, 1, V * T, H, W))
+    attention.attention_forward = counting
+    attention.set_backend("triton")  # on the CPU the autograd.Function runs the reference math inside
+    try:
+        counts = {}
+        for mode in ("none", "save_attention"):
+            calls["n"] = 0
+            net = build_dit("demo", dtype=torch.float32)
+            net.skip_empty_text = False
+            train.apply_activation_checkpointing(net, mode)
+            net(*inputs, fps=torch.tensor([10.0])).square().mean().backward()
+            counts[mode] = calls["n"]
+    finally:
+        attention.attention_forward = forward
+        attention.set_backend("auto")
+    assert counts["save_attention"] == 2 * counts["none"] > 0
+    assert bench.attention_recomputed("save_attention", "triton")
+    assert not bench.attention_recomputed("save_attention", "sdpa-cudnn")

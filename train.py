@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
                                     noop_context_fn)
@@ -75,8 +75,15 @@ DEFAULTS = dict(
     model="2b",  # a model.py DiT preset
     init="checkpoints/nvidia/Cosmos-Predict2-2B-Multiview/model-720p-10fps-7views-29frames.pt",  # '' = scratch
     precision="bf16",  # bf16: bf16 compute over fp32 master weights; fp32: everything fp32 (tests, demo)
-    activation_checkpointing="save_attention",  # none | full | save_attention (recompute all but attention)
-    attention_backend="auto",  # attention.py backend: auto | sdpa | triton | reference
+    # none | full | save_attention (recompute all but attention). The official 480p and LoRA runs use
+    # none, but they split each sample over 8 GPUs (cp=8); with cp=1 a rank holds a whole sample.
+    activation_checkpointing="save_attention",
+    # attention.py backend. sdpa: its kernels are torch ops, so save_attention really keeps their outputs
+    # (the Triton kernel is an autograd.Function that checkpointing must recompute): on one H100, 2B at
+    # 480p, 10.9 s/it with sdpa vs 14.9 s/it with triton, both save_attention.
+    attention_backend="sdpa",
+    offload="none",  # none | ema: EMA in CPU memory, updated in a background thread | all: also the fp32
+    # master weights, gradients and AdamW (FSDP2 CPU offload) -- what lets one 80 GB GPU train 720p
     lora_rank=0,  # > 0: train LoRA adapters only (lora.py)
     lora_alpha=0,
     lora_targets="q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2",
@@ -119,7 +126,7 @@ DEFAULTS = dict(
     ema_rate=0.1,  # sigma_rel of the power-function EMA
     # logs, checkpoints, samples
     log_every=100,
-    save_every=500,
+    save_every=500,  # also at max_iter; 0: never (benchmarks)
     keep_checkpoints=0,  # 0 keeps all; N keeps the newest N
     sample_every=500,  # 0: never; otherwise also at max_iter
     sample_guidance=[0.0, 2.0, 7.0],
@@ -136,10 +143,8 @@ DEFAULTS = dict(
 
 PRESETS = {
     "waymo5views": dict(),
-    "waymo5views_480p": dict(name="2b_480p_10fps_7views_29frames_waymo5views", height=480, width=848,
-                             activation_checkpointing="none"),
-    "waymo5views_lora": dict(name="lora_2b_720p_10fps_7views_29frames_waymo5views", lora_rank=16, lora_alpha=16,
-                             activation_checkpointing="none"),
+    "waymo5views_480p": dict(name="2b_480p_10fps_7views_29frames_waymo5views", height=480, width=848),
+    "waymo5views_lora": dict(name="lora_2b_720p_10fps_7views_29frames_waymo5views", lora_rank=16, lora_alpha=16),
     # Tiny DiT from scratch, random tiny VAE, synthetic clips, tiny random T5: the whole path on a CPU.
     "demo": dict(group="demo", name="demo_cpu", model="demo", init="", precision="fp32",
                  activation_checkpointing="none", vae="tiny", vae_path="", vae_views_per_call=5,
@@ -150,7 +155,7 @@ PRESETS = {
 }
 
 _CHOICES = dict(precision=("bf16", "fp32"), activation_checkpointing=("none", "full", "save_attention"),
-                attention_backend=attention.BACKENDS, vae=tuple(VAE_PRESETS))
+                attention_backend=attention.BACKENDS, vae=tuple(VAE_PRESETS), offload=("none", "ema", "all"))
 
 
 def parse_value(key, text, default):
@@ -486,36 +491,86 @@ def _local(t):
 
 
 class EMA:
-    """fp32 shadow copies of the trainable parameters, sharded exactly like them (local shards only)."""
+    """fp32 shadow copies of the trainable parameters' local shards, on their device or (offload) in CPU memory.
 
-    def __init__(self, named_params):
+    Offloaded, update() copies the parameters into a pinned CPU buffer (asynchronously) and a background
+    thread does the same two foreach ops there while the GPU goes on; reads wait for it. Same math.
+    """
+
+    def __init__(self, named_params, offload=False):
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
-        self.shadow = [p.detach().clone().float() for p in self.params]  # DTensors with the params' sharding
+        self.offload, self._pending = offload, None
+        if not offload:
+            self.shadow = [p.detach().clone().float() for p in self.params]  # DTensors with the params' sharding
+            return
+        local = [_local(p.detach()) for p in self.params]
+        cpu = lambda t: torch.empty(t.shape, dtype=torch.float32, pin_memory=t.is_cuda)  # noqa: E731
+        self.shadow = [torch.empty(t.shape, dtype=torch.float32) for t in local]  # plain CPU tensors
+        self._staging = [cpu(t) for t in local]  # this step's parameters, read by the thread
+        for s, t in zip(self.shadow, local):
+            s.copy_(t)
+        self._thread = ThreadPoolExecutor(1)
 
     @torch.no_grad()
     def update(self, beta):
         """shadow = beta * shadow + (1 - beta) * param, on the local shards."""
-        local = [_local(s) for s in self.shadow]
-        torch._foreach_mul_(local, beta)
-        torch._foreach_add_(local, [_local(p.detach()).float() for p in self.params], alpha=1.0 - beta)
+        if not self.offload:
+            local = [_local(s) for s in self.shadow]
+            torch._foreach_mul_(local, beta)
+            torch._foreach_add_(local, [_local(p.detach()).float() for p in self.params], alpha=1.0 - beta)
+            return
+        self.wait()
+        params = [_local(p.detach()) for p in self.params]
+        for buf, t in zip(self._staging, params):
+            buf.copy_(t, non_blocking=True)  # queued after the optimizer step, before the next one
+        done = torch.cuda.Event() if any(t.is_cuda for t in params) else None
+        if done is not None:
+            done.record()
+
+        def job():
+            if done is not None:
+                done.synchronize()
+            torch._foreach_mul_(self.shadow, beta)
+            torch._foreach_add_(self.shadow, self._staging, alpha=1.0 - beta)
+
+        self._pending = self._thread.submit(job)
+
+    def wait(self):
+        """Finish an offloaded update still in flight (re-raises its error)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _full(self, p, s):
+        """The full fp32 tensor of one shadow (a collective for sharded parameters)."""
+        if not self.offload:
+            return s.full_tensor() if isinstance(s, DTensor) else s
+        if isinstance(p, DTensor):
+            dev = p.device_mesh.device_type
+            return DTensor.from_local(s.to(dev), p.device_mesh, p.placements, run_check=False).full_tensor()
+        return s
 
     def full_state_dict(self):
         """{name: full fp32 tensor on CPU} (a collective: every rank must call it)."""
-        return {n: (s.full_tensor() if isinstance(s, DTensor) else s).cpu() for n, s in zip(self.names, self.shadow)}
+        self.wait()
+        return {n: self._full(p, s).cpu() for n, p, s in zip(self.names, self.params, self.shadow)}
 
     @torch.no_grad()
     def load_full_state_dict(self, sd):
         """Take this rank's shards of full tensors (every rank holds the full dict)."""
-        for n, s in zip(self.names, self.shadow):
-            full = sd[n].to(s.device, torch.float32)
-            if isinstance(s, DTensor):  # slice locally (src_data_rank=None: no communication)
-                full = distribute_tensor(full, s.device_mesh, s.placements, src_data_rank=None)
+        self.wait()
+        for n, p, s in zip(self.names, self.params, self.shadow):
+            full = sd[n].to(torch.float32)
+            if isinstance(p, DTensor):  # slice locally (src_data_rank=None: no communication)
+                full = distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                                         src_data_rank=None)
             _local(s).copy_(_local(full))
 
     @contextlib.contextmanager
     def swapped_in(self):
         """Temporarily put the EMA weights into the model (periodic samples)."""
+        self.wait()
         with torch.no_grad():
             backup = [_local(p.detach()).clone() for p in self.params]
             for p, s in zip(self.params, self.shadow):
@@ -547,7 +602,8 @@ def setup_distributed():
     if "RANK" in os.environ:  # torchrun (or a test harness) set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
         dist.init_process_group(backend, device_id=device if cuda else None)
     else:  # plain `python train.py`: a group of one, no network needed
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=device if cuda else None)
     return dist.get_rank(), dist.get_world_size(), device, True
 
 
@@ -599,16 +655,22 @@ def apply_activation_checkpointing(net, mode):
         block.forward = functools.partial(_checkpointed_forward, block.forward, context_fn)
 
 
-def shard_model(net, mesh, precision):
-    """FSDP2: each block its own unit, the rest in the root; bf16 compute over fp32 master shards if asked."""
+def shard_model(net, mesh, precision, offload=False):
+    """FSDP2: each block its own unit, the rest in the root; bf16 compute over fp32 master shards if asked.
+
+    offload: the fp32 shards, their gradients and the optimizer live in CPU memory (FSDP2 copies each
+    unit's weights in for its forward/backward); the optimizer step then runs on the CPU.
+    """
     # cast_forward_inputs=False: the model casts what it needs; RoPE angles and masks must stay fp32.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
                               reduce_dtype=torch.float32, cast_forward_inputs=False)
+    kw = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload
+              else OffloadPolicy())
     for i, block in enumerate(net.blocks):
         # the last block's parameters are needed again right away by the backward pass: keep them gathered
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(net.blocks) - 1)
-    fully_shard(net.final_layer, mesh=mesh, mp_policy=mp)
-    fully_shard(net, mesh=mesh, mp_policy=mp)
+        fully_shard(block, reshard_after_forward=i < len(net.blocks) - 1, **kw)
+    fully_shard(net.final_layer, **kw)
+    fully_shard(net, **kw)
 
 
 def build_model(config, device, mesh, resuming):
@@ -620,20 +682,31 @@ def build_model(config, device, mesh, resuming):
             raise FileNotFoundError(f"init={config['init']}: no such file (download the official "
                                     f"Cosmos-Predict2-2B-Multiview checkpoint, or set init='' to start from scratch)")
         net = build_dit(config["model"], checkpoint=config["init"], dtype=torch.float32)  # strict load
-    else:
-        with torch.random.fork_rng(devices=[]):
+    else:  # the full model on the training device (fast init), identical for any number of ranks
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config["seed"])
-            net = build_dit(config["model"], dtype=torch.float32)
+            net = build_dit(config["model"], device=device, dtype=torch.float32)
     # Cross-attention of an all-zero caption slot is exactly zero; the model skips such views, but a rank
     # whose batch lost all text would then have no gradient where another rank has one (FSDP needs the
     # same set everywhere) and AdamW would skip the decay of those weights. Training always computes them.
     net.skip_empty_text = False
     trainable = setup_trainable(net, config)
     apply_activation_checkpointing(net, config["activation_checkpointing"])
-    shard_model(net, mesh, config["precision"])
+    shard_model(net, mesh, config["precision"], offload=config["offload"] == "all")
     if resuming:
-        net.to_empty(device=device)  # fully_shard already moved real shards to the mesh's device
+        # fully_shard already moved real shards to the mesh's device (or, offloaded, to the CPU)
+        net.to_empty(device="cpu" if config["offload"] == "all" else device)
     return net.train(), trainable
+
+
+def build_optimizer(config, trainable_params):
+    """AdamW (fused on the CPU when offloaded) and the LambdaLinear schedule."""
+    optimizer = torch.optim.AdamW(trainable_params, lr=config["lr"], betas=tuple(config["adam_betas"]),
+                                  eps=config["adam_eps"], weight_decay=config["weight_decay"],
+                                  fused=True if config["offload"] == "all" else None)
+    schedule = functools.partial(lr_multiplier, warmup_iters=config["warmup_iters"], decay_iters=config["decay_iters"],
+                                 f_start=config["lr_f_start"], f_max=config["lr_f_max"], f_min=config["lr_f_min"])
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def build_vae(config, device, dtype):
@@ -679,11 +752,11 @@ def clip_gradients(params, max_norm, device):
         torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
     sq = torch.zeros((), device=device)
     if grads:
-        sq = torch.stack(torch._foreach_norm(grads)).float().square().sum()
+        sq = torch.stack(torch._foreach_norm(grads)).float().square().sum().to(device)  # CPU under offload
     dist.all_reduce(sq)  # shards are disjoint: the sum of squares adds up over ranks
     norm = sq.sqrt()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, coef)
+    torch._foreach_mul_(grads, coef.to(grads[0].device) if grads else coef)
     return norm.item()
 
 
@@ -798,6 +871,7 @@ def set_rng_state(state, device):
 def save_checkpoint(ckpt_dir, iteration, net, optimizer, scheduler, ema, config, dataset_len, device, rank,
                     kill_midway=False):
     """Gather full state dicts (collective) and write them from rank 0."""
+    t0 = time.perf_counter()
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     net_sd = get_model_state_dict(net, options=opts)
     ema_sd = ema.full_state_dict()
@@ -814,6 +888,7 @@ def save_checkpoint(ckpt_dir, iteration, net, optimizer, scheduler, ema, config,
         write_checkpoint(ckpt_dir, iteration, payloads, kill_midway=kill_midway)
         _write_json(ckpt_dir / "config.json", config)
         prune_checkpoints(ckpt_dir, config["keep_checkpoints"])
+        print(f"saved {ckpt_dir}/*/iter_{iteration:09d}.pt in {time.perf_counter() - t0:.1f} s", flush=True)
     dist.barrier()
 
 
@@ -846,16 +921,23 @@ def _write_json(path, obj):
 # ---------------------------------------------------------------------------------------------------
 
 
-def train_step(net, vae, batch, optimizer, scheduler, ema, iteration, config, trainable_params, device, dp_rank):
-    """One optimizer step; returns (mean loss over all ranks, gradient norm before clipping)."""
+def train_step(net, vae, batch, optimizer, scheduler, ema, iteration, config, trainable_params, device, dp_rank,
+               mark=None):
+    """One optimizer step; returns (mean loss over all ranks, gradient norm before clipping).
+
+    mark(phase), if given, is called after 'vae', 'forward_backward' and 'optimizer' (bench.py times them).
+    """
+    mark = mark or (lambda phase: None)
     n_views = batch["video"].shape[1]
     x0 = encode_batch(vae, batch, device, config["vae_views_per_call"])  # [B, 16, V*t, h, w]
+    mark("vae")
     B = x0.shape[0]
     context, view_ids, fps = batch_inputs(batch, device, x0.shape[2] // n_views)
     sample_ids = range(dp_rank * B, (dp_rank + 1) * B)  # global sample index: same draws for any world size
     noise = draw_training_noise(config, x0.shape[1:], n_views, iteration, sample_ids, device)
     loss = diffusion_loss(net, x0, context, view_ids, fps, noise, n_views, config["loss_scale"])
     loss.backward()
+    mark("forward_backward")
     grad_norm = clip_gradients(trainable_params, config["grad_clip"], device)
     optimizer.step()
     scheduler.step()
@@ -863,7 +945,9 @@ def train_step(net, vae, batch, optimizer, scheduler, ema, iteration, config, tr
     optimizer.zero_grad(set_to_none=True)
     loss = loss.detach().clone()
     dist.all_reduce(loss)  # sum (gloo has no average)
-    return loss.item() / dist.get_world_size(), grad_norm
+    loss = loss.item() / dist.get_world_size()
+    mark("optimizer")  # clip, AdamW, schedule, EMA (an offloaded EMA finishes in the background)
+    return loss, grad_norm
 
 
 def _sample_module():
@@ -892,10 +976,13 @@ def write_samples(net, vae, ema, batch, iteration, config, out_dir, device, rank
                     net, vae, batch, guidance=guidance, seed=config["seed"], steps=config["sample_steps"],
                     num_conditional_frames=config["sample_conditional_frames"])
                 if rank == 0:
-                    out_dir.mkdir(parents=True, exist_ok=True)
                     path = out_dir / f"iter_{iteration:09d}_{tag}_guidance{guidance:g}.mp4"
-                    sample.save_multiview_video(str(path), video[0], n_views, float(batch["fps"][0]))
-                    print(f"sample: {path}")
+                    try:  # a sample that cannot be written must not end a long run
+                        out_dir.mkdir(parents=True, exist_ok=True)
+                        sample.save_multiview_video(str(path), video[0], n_views, float(batch["fps"][0]))
+                        print(f"sample: {path}")
+                    except Exception as e:
+                        print(f"warning: could not write {path}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def trim_log(path, iteration):
@@ -968,12 +1055,8 @@ def _train(config, rank, world, device):
     net, trainable = build_model(config, device, mesh, resuming=start is not None)
     params = dict(net.named_parameters())
     trainable_params = [params[n] for n in trainable]
-    ema = EMA([(n, params[n]) for n in trainable])
-    optimizer = torch.optim.AdamW(trainable_params, lr=config["lr"], betas=tuple(config["adam_betas"]),
-                                  eps=config["adam_eps"], weight_decay=config["weight_decay"])
-    schedule = functools.partial(lr_multiplier, warmup_iters=config["warmup_iters"], decay_iters=config["decay_iters"],
-                                 f_start=config["lr_f_start"], f_max=config["lr_f_max"], f_min=config["lr_f_min"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    ema = EMA([(n, params[n]) for n in trainable], offload=config["offload"] != "none")
+    optimizer, scheduler = build_optimizer(config, trainable_params)
     log_path = out / "log.jsonl"
     if start is not None:
         trainer = load_checkpoint(ckpt_dir, start, net, optimizer, scheduler, ema, device, rank)
@@ -1027,7 +1110,7 @@ def _train(config, rank, world, device):
                       flush=True)
         if it % config["log_every"] == 0:
             window = []
-        if it % config["save_every"] == 0 or it == config["max_iter"]:
+        if config["save_every"] and (it % config["save_every"] == 0 or it == config["max_iter"]):
             save_checkpoint(ckpt_dir, it, net, optimizer, scheduler, ema, config, len(dataset), device, rank,
                             kill_midway=kill[0] == "save" and int(kill[2]) == it)
         if config["sample_every"] and (it % config["sample_every"] == 0 or it == config["max_iter"]):

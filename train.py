@@ -243,10 +243,13 @@ def run_dir(config):
 # in every camera; frames stretch-resized (bilinear, antialiased) to exactly (height, width) and truncated
 # to uint8; views in camera_keys order; the front camera's caption in its view's 512-token slot, zeros in
 # the others. A clip that cannot be used is reported once by name and skipped (no infinite retry loop).
+# fps is the container's (10 for Waymo), as the reference takes decord's average fps; the DiT only uses
+# it to scale RoPE time positions.
 
 
 def ffmpeg_exe():
-    import imageio_ffmpeg  # bundled ffmpeg binary
+    """Path of the ffmpeg binary that imageio-ffmpeg bundles."""
+    import imageio_ffmpeg
 
     return imageio_ffmpeg.get_ffmpeg_exe()
 
@@ -1069,6 +1072,9 @@ def _train(config, rank, world, device):
             print(f"note: the data set has {len(dataset)} samples, the checkpoint saw {trainer['dataset_len']}: "
                   f"the data order differs from an uninterrupted run")
     start = start or 0
+    if start >= config["max_iter"] and rank == 0:
+        print(f"already at iteration {start} >= max_iter={config['max_iter']}: nothing to train (raise max_iter "
+              f"to continue)")
     n_train = sum(p.numel() for p in trainable_params)
     if rank == 0:
         print(f"model {config['model']}: {sum(p.numel() for p in params.values()):,} parameters, {n_train:,} trainable; "

@@ -421,24 +421,38 @@ def attention_backward(dout, q, k, v, out, lse):
     return reference_attention_backward(dout, q, k, v, out, lse.to(q.dtype))
 
 
-class FlashAttention(torch.autograd.Function):
-    """Autograd wrapper: saves (q, k, v, out, lse) and calls the backward primitive."""
+# The autograd wrapper is a registered custom op (not a plain autograd.Function) so that PyTorch's
+# selective activation checkpointing can see it by name and keep its output instead of recomputing
+# the most expensive op of the block (train.py's `save_attention` mode).
 
-    @staticmethod
-    def forward(ctx, q, k, v):
-        out, lse = attention_forward(q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        return attention_backward(dout.contiguous(), q, k, v, out, lse)
+@torch.library.custom_op("cosmos_mv::flash_attention", mutates_args=())
+def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = attention_forward(q, k, v)
+    return out.contiguous(), lse.contiguous()
+
+
+@_flash_attention_op.register_fake
+def _(q, k, v):
+    B, Sq, H, _ = q.shape
+    return q.new_empty(B, Sq, H, v.shape[-1]), q.new_empty(B, H, Sq, dtype=torch.float32)
+
+
+def _flash_attention_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)  # q, k, v, out, lse
+
+
+def _flash_attention_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return attention_backward(dout.contiguous(), q, k, v, out, lse)
+
+
+_flash_attention_op.register_autograd(_flash_attention_backward, setup_context=_flash_attention_setup)
 
 
 def flash_attention(q, k, v):
     """Autograd-aware attention [B, S, H, D] -> [B, Sq, H, D] through the primitives above."""
-    return FlashAttention.apply(q, k, v)
+    return _flash_attention_op(q, k, v)[0]
 
 
 # ---------------------------------------------------------------------------------------------------

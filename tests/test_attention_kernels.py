@@ -155,3 +155,34 @@ def test_gpu_bf16_within_sdpa_error(B, Sq, Sk, H, D):
     assert (lse.double() - ref_lse).abs().max().item() < 1e-3
     # the model's entry point takes the kernels on CUDA
     torch.testing.assert_close(attention.attention(q, k, v), ours[0], rtol=0, atol=0)
+
+
+def test_flash_attention_is_saved_by_selective_checkpointing():
+    """The custom op is visible to selective checkpointing: kept, not recomputed, same gradients."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    calls = []
+    forward = attention.attention_forward
+
+    def counting_forward(*args):
+        calls.append(1)
+        return forward(*args)
+
+    def keep_attention(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if "flash_attention" in str(op) else CheckpointPolicy.PREFER_RECOMPUTE
+
+    q, k, v = (torch.randn(1, 20, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    fn = lambda q, k, v: attention.flash_attention(q * 2, k, v).sin()  # noqa: E731
+    ref = torch.autograd.grad(fn(q, k, v).sum(), (q, k, v))
+    attention.attention_forward = counting_forward
+    try:
+        context_fn = functools.partial(create_selective_checkpoint_contexts, keep_attention)
+        out = checkpoint(fn, q, k, v, use_reentrant=False, context_fn=context_fn)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    finally:
+        attention.attention_forward = forward
+    assert len(calls) == 1  # forward only: the backward reused the saved output
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)

@@ -63,13 +63,13 @@ SETUPS = {  # train.py preset + the views and pixels of one sample (29 frames ea
 }
 
 # Memory plan for one 80 GB H100, batch 1, tried in order (the next one after an out-of-memory error).
-# Static state of the 2B model: fp32 weights 7.8 GB + fp32 grads 7.8 + AdamW 15.6 + fp32 EMA 7.8 = 39 GB.
-# Activations per token and block (bf16 compute, measured by saved-tensor hooks on the real block): the
-# checkpointed block input 4 KB, a saved attention output 4 KB (self) + 4 KB (cross), and ~200 KB for the
-# one block being recomputed in backward (fp32 RMSNorm/RoPE intermediates dominate). So 720p-5v
-# (140,800 tokens) needs 16 GB of block inputs + 28 GB for one block: the EMA goes to the CPU; 720p-7v
-# (197,120 tokens: 22 + 39 GB) also moves weights, gradients and AdamW there (FSDP2 CPU offload).
-# 480p (63,600 tokens) keeps every attention output: 21 + 13 GB next to the 39 GB of state.
+# Static state of the 2B model: fp32 weights 7.3 GiB + fp32 grads 7.3 + AdamW 14.6 + fp32 EMA 7.3 = 36.4 GiB.
+# Activations: the checkpointed block inputs (4 KB per token and block), every attention output kept by
+# save_attention (self + cross, 7.4 KB per token and block, measured), and the one block recomputed in
+# backward. Measured peaks (BENCH.md): 480p-5v save_attention 60.2 GiB; 720p-5v full + EMA on the CPU
+# 45.9 GiB in a first iteration, i.e. ~60.5 GiB once AdamW's states exist; 720p-7v full with weights,
+# gradients, AdamW and EMA on the CPU 53.9 GiB (on the GPU they would add 36.4 GiB: too much).
+# Untested but predicted to fit: 720p-5v full/none (~68 GiB) and save_attention/all (~58 GiB).
 MEMORY_PLANS = {  # setup: [(activation_checkpointing, offload), ...]
     "480p-5v": [("save_attention", "none"), ("full", "none"), ("full", "ema")],
     "720p-5v": [("full", "ema"), ("full", "all")],
@@ -111,10 +111,19 @@ def training_config(setup, ac, offload, backend, overrides=()):
     return config
 
 
+def triton_attention_saveable():
+    """Is attention.py's Triton attention a registered op? Selective checkpointing keeps only ops by
+    name: as a plain autograd.Function (before 2026-11-25 15:48) its forward re-ran in backward."""
+    try:
+        torch.ops.cosmos_mv.flash_attention  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def attention_recomputed(ac, backend):
-    """Does backward re-run the attention forward? Selective checkpointing can only keep aten ops: the
-    Triton kernels sit inside an autograd.Function, so 'save_attention' keeps nothing of theirs."""
-    return ac == "full" or (ac == "save_attention" and backend == "triton")
+    """Does backward re-run the attention forward under this checkpointing mode and backend?"""
+    return ac == "full" or (ac == "save_attention" and backend == "triton" and not triton_attention_saveable())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -449,32 +458,43 @@ def rate_at(kernels, S, impl, which):
     return row[impl][f"{which}_tflops"] * 1e12
 
 
-def ring_model(result, kernels, vae, impl, P=8, recompute_attention=False):
-    """Predicted s/iter at CP=P for one measured 1-GPU training result."""
-    fwd_rate, bwd_rate = rate_at(kernels, result["tokens"] / P, impl, "fwd"), rate_at(kernels, result["tokens"] / P, impl, "bwd")
-    big_fwd, big_bwd = rate_at(kernels, result["tokens"], impl, "fwd"), rate_at(kernels, result["tokens"], impl, "bwd")
-    if None in (fwd_rate, bwd_rate, big_fwd, big_bwd):
-        return None
-    D, L = 2048, 28
+KERNEL_OF_BACKEND = {"triton": "ours (triton)", "sdpa-cudnn": "sdpa cudnn", "sdpa": "sdpa default"}
+
+
+def ring_model(result, kernels, vae, impl, P=8):
+    """Predicted s/iter at CP=P from one measured 1-GPU training result and the kernel table.
+
+    Two numbers: with the attention output kept by checkpointing, and with the attention forward
+    recomputed in backward (what happens today: ring attention is an autograd.Function, which
+    selective checkpointing cannot keep).
+    """
     S = result["tokens"] / P
+    run_impl = KERNEL_OF_BACKEND.get(result["backend"])
+    rates = [rate_at(kernels, S, impl, "fwd"), rate_at(kernels, S, impl, "bwd"),
+             rate_at(kernels, result["tokens"], run_impl, "fwd"), rate_at(kernels, result["tokens"], run_impl, "bwd")]
+    if None in rates:
+        return None
+    fwd_rate, bwd_rate, big_fwd, big_bwd = rates
+    D, L = 2048, 28
     step_flops = 4.0 * S * S * D
     kv_bytes = 2 * S * D * 2
     fwd_step = max(step_flops / fwd_rate, kv_bytes / NVLINK_BYTES_S) + 3 * S * D * 4 / HBM_BYTES_S
     bwd_step = max(2.5 * step_flops / bwd_rate, (kv_bytes + 2 * S * D * 4) / NVLINK_BYTES_S) + 6 * S * D * 4 / HBM_BYTES_S
-    layer = P * fwd_step * (2 if recompute_attention else 1) + P * bwd_step + kv_bytes / NVLINK_BYTES_S
-    attn_cp = L * layer
-    # our 1-GPU attention time from the long-sequence rates; the rest of forward-backward divides by P
+    attn_saved = L * (P * fwd_step + P * bwd_step + kv_bytes / NVLINK_BYTES_S)
+    attn_recomputed = attn_saved + L * P * fwd_step
+    # our 1-GPU attention time at the run's own kernel rates; the rest of forward-backward divides by P
     f = result["forward_flops"]
     attn_1gpu = f["self_attn"] * ((2 if result["attention_recomputed"] else 1) / big_fwd + 2.5 / big_bwd)
     rest = max(result["median"]["forward_backward"] - attn_1gpu, 0.0) / P
     vae_one_view = vae["encode"]["seconds"] if vae else result["median"]["vae"] / 5
     opt = result["median"]["optimizer"] / P
-    total = attn_cp + rest + vae_one_view + opt
+    other = rest + vae_one_view + opt
     return dict(P=P, local_tokens=S, impl=impl, fwd_tflops=fwd_rate / 1e12, bwd_tflops=bwd_rate / 1e12,
                 fwd_step_ms=fwd_step * 1e3, bwd_step_ms=bwd_step * 1e3,
                 compute_over_comm_fwd=(step_flops / fwd_rate) / (kv_bytes / NVLINK_BYTES_S),
-                attention_s=attn_cp, other_dit_s=rest, vae_s=vae_one_view, optimizer_s=opt, total_s=total,
-                attention_1gpu_est_s=attn_1gpu)
+                attention_s=attn_saved, attention_recomputed_s=attn_recomputed, other_dit_s=rest,
+                vae_s=vae_one_view, optimizer_s=opt, total_s=attn_saved + other,
+                total_recomputed_s=attn_recomputed + other, attention_1gpu_est_s=attn_1gpu)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -544,16 +564,38 @@ def markdown(res):
                 f"final evaluation {s['sampling_s_projected']:.0f} s + decode {decode:.0f} s = "
                 f"{s['sampling_s_projected'] + decode:.0f} s.", ""]
     if res.get("ring"):
-        out += ["Ring model, 8 GPUs, CP=8 (our measured kernel rates at the local length; NVLink 300 GB/s):", "",
-                "| setup | kernels | local tokens | fwd / bwd TF/s | compute/comm | attention | other DiT | VAE | "
-                "optimizer | predicted s/iter | seed |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += ["Ring model, 8 GPUs, CP=8 (kernel rates measured above at the local length; NVLink 300 GB/s; "
+                "the rest of our 1-GPU iteration divided by 8, one view encoded per GPU):", "",
+                "| setup | ring kernels | local tokens | fwd / bwd TF/s | compute/comm | attention (saved / recomputed) "
+                "| other DiT | VAE | optimizer | predicted s/iter (saved / recomputed) | seed |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, m in res["ring"].items():
-            out.append(f"| {name} | {m['impl']} | {m['local_tokens']:,.0f} | {m['fwd_tflops']:.0f} / "
-                       f"{m['bwd_tflops']:.0f} | {m['compute_over_comm_fwd']:.1f}x | {m['attention_s']:.2f} | "
-                       f"{m['other_dit_s']:.2f} | {m['vae_s']:.2f} | {m['optimizer_s']:.2f} | {m['total_s']:.2f} | "
+            out.append(f"| {m['setup']} | {m['impl']} | {m['local_tokens']:,.0f} | {m['fwd_tflops']:.0f} / "
+                       f"{m['bwd_tflops']:.0f} | {m['compute_over_comm_fwd']:.1f}x | {m['attention_s']:.2f} / "
+                       f"{m['attention_recomputed_s']:.2f} | {m['other_dit_s']:.2f} | {m['vae_s']:.2f} | "
+                       f"{m['optimizer_s']:.2f} | {m['total_s']:.2f} / {m['total_recomputed_s']:.2f} | "
                        f"{SEED_S_PER_ITER.get(m['setup'], '')} |")
         out.append("")
     return "\n".join(out)
+
+
+def finish(res):
+    """Results of a run cut short keep their partial training list; add the ring model."""
+    if "training" not in res and res.get("training_partial"):
+        res["training"] = res.pop("training_partial")
+    if res.get("kernels") and res.get("training"):
+        impls = [k for k in res["kernels"][0] if isinstance(res["kernels"][0][k], dict) and "flash" not in k]
+        ring = {}
+        for setup in SEED_S_PER_ITER:  # from the fastest full fine-tune run of each setup
+            runs = [r for r in res["training"] if r.get("setup") == setup and "median" in r]
+            if runs:
+                best = min(runs, key=lambda r: r["median"]["total"])
+                for name in impls:
+                    m = ring_model(best, res["kernels"], res.get("vae"), name)
+                    if m:
+                        ring[f"{setup} / {name}"] = dict(m, setup=setup, from_run=best["backend"])
+        res["ring"] = ring
+    return res
 
 
 def main(argv=None):
@@ -576,7 +618,13 @@ def main(argv=None):
     p.add_argument("--sample_evals", type=int, default=1)
     p.add_argument("--out", default="bench_results/bench.json", help="results JSON (rewritten after every section)")
     p.add_argument("--md", help="also write the markdown tables here")
+    p.add_argument("--report", metavar="JSON", help="only re-render the tables (and ring model) of a saved run")
     args = p.parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            res = finish(json.load(f))
+        print(markdown(res))
+        return res
 
     rank, world, device, created = train.setup_distributed()
     tiny = args.tiny or device.type != "cuda"
@@ -674,16 +722,7 @@ def main(argv=None):
         res.pop("training_partial", None)
         section("sampling", lambda: bench_sampling(device, tiny, args.sample_warmup, args.sample_evals,
                                                    args.sample_backend))
-        if res.get("kernels") and res.get("training"):
-            impl = "ours (triton)" if not tiny and attention.triton_available() else "sdpa"
-            ring = {}
-            for r in res["training"]:
-                if "median" in r and r["setup"] in SEED_S_PER_ITER:
-                    for name in dict.fromkeys([impl, "sdpa cudnn" if not tiny else "sdpa"]):
-                        m = ring_model(r, res["kernels"], res.get("vae"), name)
-                        if m:
-                            ring[f"{r['setup']} ({r['backend']} run, {name})"] = dict(m, setup=r["setup"])
-            res["ring"] = ring
+        finish(res)
         save()
         if rank == 0:
             print(markdown(res), flush=True)

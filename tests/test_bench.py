@@ -107,8 +107,8 @@ def test_offloaded_ema_is_the_same_math():
     assert torch.equal(off.full_state_dict()["b"], 2 * sd_plain["b"])
 
 
-def test_triton_attention_is_recomputed_under_selective_checkpointing():
-    """The report's 'attn recomputed' flag: SAC keeps aten attention ops, not the Triton autograd.Function."""
+def test_attention_recomputed_flag_matches_what_checkpointing_does():
+    """The report's 'attn recomputed' flag against a count of attention forwards in forward + backward."""
     calls = {"n": 0}
     forward = attention.attention_forward
 
@@ -121,10 +121,10 @@ def test_triton_attention_is_recomputed_under_selective_checkpointing():
     inputs = (torch.randn(1, 16, V * T, H, W, generator=g), torch.rand(1, V * T, generator=g),
               torch.randn(1, V * 512, 64, generator=g), torch.zeros(1, 1, V * T, H, W))
     attention.attention_forward = counting
-    attention.set_backend("triton")  # on the CPU the autograd.Function runs the reference math inside
+    attention.set_backend("triton")  # on the CPU the Triton wrapper runs the reference math inside
     try:
         counts = {}
-        for mode in ("none", "save_attention"):
+        for mode in ("none", "full", "save_attention"):
             calls["n"] = 0
             net = build_dit("demo", dtype=torch.float32)
             net.skip_empty_text = False
@@ -134,6 +134,8 @@ def test_triton_attention_is_recomputed_under_selective_checkpointing():
     finally:
         attention.attention_forward = forward
         attention.set_backend("auto")
-    assert counts["save_attention"] == 2 * counts["none"] > 0
-    assert bench.attention_recomputed("save_attention", "triton")
+    assert counts["none"] > 0 and counts["full"] == 2 * counts["none"]
+    for mode in ("none", "full", "save_attention"):
+        assert (counts[mode] == 2 * counts["none"]) == bench.attention_recomputed(mode, "triton"), mode
+    assert bench.attention_recomputed("full", "sdpa-cudnn")
     assert not bench.attention_recomputed("save_attention", "sdpa-cudnn")

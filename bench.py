@@ -2,7 +2,7 @@
 
     python bench.py                                   # everything on one GPU (~10 min on an H100)
     torchrun --nproc_per_node=8 bench.py --setups 720p-7v   # data parallel over the GPUs torchrun gives
-    python bench.py --setups 480p-5v --backends triton sdpa-cudnn --iters 3
+    python bench.py --runs 480p-5v:triton:1:3 480p-5v:sdpa:1:3   # SETUP:BACKEND[:WARMUP:ITERS]
     python bench.py --tiny                            # CPU smoke test: tiny model, same code paths (tests)
 
 Training iterations go through train.py itself (build_model, EMA, build_optimizer, train_step) with
@@ -604,7 +604,8 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: demo DiT, tiny VAE, tiny shapes")
     p.add_argument("--setups", nargs="*", help=f"training setups (default all but tiny): {list(SETUPS)}")
     p.add_argument("--backends", nargs="*", help=f"attention backends for training {BACKENDS} "
-                                                 "(default: triton and sdpa-cudnn on CUDA, sdpa on CPU)")
+                                                 "(default: triton and sdpa on CUDA -- the last one also runs 720p-7v and LoRA; "
+                                                 "sdpa and reference on CPU)")
     p.add_argument("--plan", action="append", default=[], metavar="SETUP=AC:OFFLOAD",
                    help="force a memory plan, e.g. 720p-5v=full:all (repeatable)")
     p.add_argument("--iters", type=int, default=2, help="timed iterations per setup")
@@ -632,7 +633,7 @@ def main(argv=None):
         print("no GPU: running the --tiny CPU smoke test")
     setups = args.setups if args.setups is not None else (["tiny"] if tiny else [s for s in SETUPS if s != "tiny"])
     backends = args.backends or (["sdpa", "reference"] if tiny else
-                                 (["triton", "sdpa-cudnn"] if attention.triton_available() else ["sdpa-cudnn"]))
+                                 (["triton", "sdpa"] if attention.triton_available() else ["sdpa"]))
     plans = {}
     for item in args.plan:
         name, _, spec = item.partition("=")

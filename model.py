@@ -522,8 +522,13 @@ def read_state_dict(path):
     return sd
 
 
-def select_dit_weights(sd, ema=False, source="state dict"):
-    """Pick `net.`/`net_ema.` weights (or unprefixed ones), drop what we recompute; keys as our model's."""
+def select_dit_weights(sd, ema=False, source="state dict", lora_alpha=None, merge_lora=True):
+    """Pick `net.`/`net_ema.` weights (or unprefixed ones), drop what we recompute; keys as our model's.
+
+    PEFT-layout LoRA entries are folded in with scale lora_alpha / rank; None means alpha = rank, as in
+    the official LoRA experiment (train.py runs record their lora_alpha in the run config). With
+    merge_lora=False they are kept, for a model that has the adapters injected (lora.inject_lora).
+    """
     has_prefix = any(k.startswith(("net.", "net_ema.")) for k in sd)
     if ema and not any(k.startswith("net_ema.") for k in sd):
         raise KeyError(f"{source}: EMA weights requested but there are no 'net_ema.' keys")
@@ -536,9 +541,9 @@ def select_dit_weights(sd, ema=False, source="state dict"):
         if key.endswith(_DROPPED_SUFFIXES) or key.startswith(_DROPPED_PREFIXES):
             continue
         out[key] = value
-    if any(".lora_A." in k or ".base_layer." in k for k in out):
-        from lora import merge_lora_state_dict  # official PEFT-style LoRA checkpoint: fold the adapters in
-        out = merge_lora_state_dict(out)
+    if merge_lora and any(".lora_A." in k or ".base_layer." in k for k in out):
+        from lora import merge_lora_state_dict  # PEFT-style LoRA checkpoint: fold the adapters in
+        out = merge_lora_state_dict(out, alpha=lora_alpha)
     return out
 
 
@@ -558,11 +563,15 @@ def check_state_dict(model, sd, source="state dict"):
         raise KeyError("\n".join(lines))
 
 
-def load_dit_weights(model, sd_or_path, ema=False, dtype=None):
-    """Load official or our weights into `model` strictly; a meta-device model is materialised by assign."""
+def load_dit_weights(model, sd_or_path, ema=False, dtype=None, lora_alpha=None):
+    """Load official or our weights into `model` strictly; a meta-device model is materialised by assign.
+
+    LoRA checkpoints are merged (scale lora_alpha / rank, None: 1) unless `model` has adapters injected.
+    """
     source = sd_or_path if isinstance(sd_or_path, str) else "state dict"
     sd = read_state_dict(sd_or_path) if isinstance(sd_or_path, str) else sd_or_path
-    sd = select_dit_weights(sd, ema=ema, source=source)
+    injected = any(".lora_A." in k for k in model.state_dict())
+    sd = select_dit_weights(sd, ema=ema, source=source, lora_alpha=lora_alpha, merge_lora=not injected)
     check_state_dict(model, sd, source)
     dtype = dtype or next(model.parameters()).dtype
     sd = {k: v.to(dtype) for k, v in sd.items()}  # no copy when the file already has this dtype

@@ -390,13 +390,14 @@ def _unwrap(net):
 
 
 def load_dit_for_sampling(ckpt, config_or_preset="2b", load_ema=False, dtype=torch.bfloat16, device="cpu",
-                          base_ckpt=None, lora_alpha=None):
+                          base_ckpt=None, lora_alpha=None, merge_lora=True):
     """The DiT in eval mode, no grad: official .pt/.safetensors, our iter_*.pt (net. or net_ema.), LoRA.
 
     config_or_preset: a model.DIT_PRESETS name, a DiT config dict, or a run config (its `model` preset).
     LoRA: a full checkpoint (PEFT keys, base weights inside) is merged at load; an adapter-only file
-    (only lora_A/lora_B) is merged into `base_ckpt`. Strict: any missing, unexpected or misshaped key
-    is an error naming the file.
+    (only lora_A/lora_B) is merged into `base_ckpt`. merge_lora=False keeps the adapters as low-rank
+    branches of wrapped linears instead (slower; the merge check). Strict: any missing, unexpected or
+    misshaped key is an error naming the file.
     """
     cfg = config_or_preset
     if isinstance(cfg, dict) and "model_channels" not in cfg:  # a run config
@@ -416,15 +417,15 @@ def load_dit_for_sampling(ckpt, config_or_preset="2b", load_ema=False, dtype=tor
         if load_ema and prefix != "net_ema.":
             raise KeyError(f"{ckpt}: EMA weights requested but there are no 'net_ema.' keys")
         adapters = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        from lora import merge_lora_state_dict
         base = select_dit_weights(read_state_dict(str(base_ckpt)), source=str(base_ckpt))
-        sd = merge_lora_state_dict({**base, **adapters}, alpha=lora_alpha)
-    elif any(".lora_A." in k for k in sd):
-        from lora import merge_lora_state_dict  # fold by key suffix, before picking net./net_ema.
-        sd = merge_lora_state_dict(sd, alpha=lora_alpha)
-    sd = select_dit_weights(sd, ema=load_ema and not adapter_only, source=str(ckpt))
+        sd = {**base, **adapters}  # X.weight next to X.lora_A/B: lora.merge_lora_state_dict's second form
+    # folds PEFT entries with scale lora_alpha / rank (or keeps them: merge_lora=False)
+    sd = select_dit_weights(sd, ema=load_ema and not adapter_only, source=str(ckpt), lora_alpha=lora_alpha,
+                            merge_lora=merge_lora)
     with torch.device("meta"):  # no random init of weights that are overwritten anyway
         net = MultiViewDiT(**cfg)
+    if not merge_lora and any(".lora_A." in k for k in sd):
+        sd = _inject_adapters(net, sd, lora_alpha)
     try:
         check_state_dict(net, sd, str(ckpt))
     except KeyError as e:
@@ -432,6 +433,18 @@ def load_dit_for_sampling(ckpt, config_or_preset="2b", load_ema=False, dtype=tor
                        f"ours carry it in the run config)") from None
     net.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
     return net.to(device).eval().requires_grad_(False)
+
+
+def _inject_adapters(net, sd, alpha=None):
+    """Wrap the linears that `sd` has adapters for (lora.inject_lora); returns sd in the wrapped layout."""
+    from lora import inject_lora
+    suffix = ".lora_A.default.weight"
+    names = [k[:-len(suffix)] for k in sd if k.endswith(suffix)]
+    rank = sd[names[0] + suffix].shape[0]
+    inject_lora(net, rank, rank if alpha is None else alpha, targets=names)  # exact module names
+    # an adapter-only file over a plain base: the base's X.weight is the wrapper's X.base_layer.weight
+    plain = {f"{n}.{leaf}": f"{n}.base_layer.{leaf}" for n in names for leaf in ("weight", "bias")}
+    return {plain.get(k, k): v for k, v in sd.items()}
 
 
 def build_vae(preset="wan2.1", path=None, seed=None, dtype=torch.bfloat16, device="cpu"):
@@ -644,6 +657,8 @@ def parse_args(argv=None):
     a("--run_config", help="training config JSON (default: <run>/checkpoints/config.json of our checkpoints)")
     a("--base_ckpt", help="base DiT weights for an adapter-only LoRA file (default: from the run config)")
     a("--lora_alpha", type=float, help="LoRA alpha (default: the file's metadata or run config, else alpha = rank)")
+    a("--lora_unmerged", action="store_true",
+      help="keep LoRA adapters as separate low-rank branches instead of folding them into the weights (slower)")
     a("--preset", help="DiT preset when there is no run config (official weights: 2b)")
     a("--vae", help=f"Wan2.1 tokenizer.pth (default: run config, else {OFFICIAL['vae_path']})")
     a("--vae_preset", help="VAE preset (default: run config, else wan2.1)")
@@ -778,7 +793,8 @@ def main(argv=None):
             (f" with run config: preset {s['dit_preset']}" if run_config else ""))
         net = load_dit_for_sampling(args.ckpt, s["dit_preset"],
                                     load_ema=args.load_ema, dtype=dtype, device=device,
-                                    base_ckpt=s["base_ckpt"], lora_alpha=s["lora_alpha"])
+                                    base_ckpt=s["base_ckpt"], lora_alpha=s["lora_alpha"],
+                                    merge_lora=not args.lora_unmerged)
         net.enable_context_parallel(group)
         n_cams = net.config["n_cameras_emb"]
         if max(s["view_ids"]) >= n_cams or min(s["view_ids"]) < 0:

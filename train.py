@@ -1,13 +1,14 @@
 """Post-train the Cosmos-Predict2 2B multiview DiT on multi-camera driving video (full fine-tune or LoRA).
 
     torchrun --nproc_per_node=8 train.py --config waymo5views [key=value ...]
+    torchrun --nproc_per_node=8 train.py --config waymo5views cp=8   # the official split: one sample, 8 GPUs
     python train.py --config demo                 # tiny model, synthetic data, CPU, a few minutes
 
 One file, read top to bottom:
   1. config       flat dict of defaults + named presets, `key=value` overrides (type-checked)
   2. data         the official multiview loader semantics: every window at stride 1, all cameras, front caption
   3. objective    sigma draws, frame conditioning, text dropout, velocity MSE; LR schedule; power EMA
-  4. model        process group, FSDP2 sharding, mixed precision, activation checkpointing, VAE
+  4. model        process groups (data x context parallel), FSDP2, mixed precision, activation checkpointing, VAE
   5. checkpoints  the official folder layout, atomic writes, exact resume
   6. training     the loop: step, clip, update, EMA, logs, periodic samples
   7. demo + CLI   prepare the synthetic set and a tiny T5 on the spot, then train
@@ -87,7 +88,7 @@ DEFAULTS = dict(
     lora_rank=0,  # > 0: train LoRA adapters only (lora.py)
     lora_alpha=0,
     lora_targets="q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2",
-    cp=1,  # context-parallel group size (ranks that share one sample)
+    cp=1,  # context-parallel group size: ranks that split one sample's latent frames (world = dp x cp)
     # VAE (frozen; encodes the videos online)
     vae="wan2.1",  # wan2.1: the official tokenizer from vae_path; tiny: random weights from vae_seed
     vae_path="checkpoints/nvidia/Cosmos-Predict2-2B-Video2World/tokenizer/tokenizer.pth",
@@ -218,9 +219,11 @@ def check_config(c):
         raise ValueError(f"camera_to_view_id has no id for camera(s) {missing}")
     if c["front_camera_key"] not in c["camera_keys"]:
         raise ValueError(f"front_camera_key {c['front_camera_key']!r} is not in camera_keys {c['camera_keys']}")
-    if c["cp"] != 1:
-        raise ValueError(f"cp={c['cp']}: context parallelism is not wired into train.py yet (ring-attention "
-                         f"issue); use cp=1")
+    latent_frames = 1 + (c["num_frames"] - 1) // 4
+    if c["cp"] < 1 or latent_frames % c["cp"]:
+        divisors = [d for d in range(1, latent_frames + 1) if latent_frames % d == 0]
+        raise ValueError(f"cp={c['cp']}: context parallelism splits the {latent_frames} latent frames per view "
+                         f"(num_frames={c['num_frames']}) evenly over the cp ranks; choose cp in {divisors}")
     if not 0 <= c["min_conditional_frames"] <= c["max_conditional_frames"] <= 1 + (c["num_frames"] - 1) // 4:
         raise ValueError("need 0 <= min_conditional_frames <= max_conditional_frames <= latent frames per view")
     for key in ("batch_size", "max_iter", "log_every"):
@@ -453,14 +456,26 @@ def conditional_mask(n_cond_B, n_views, shape_BCTHW):
 
 
 def diffusion_loss(net, x0_BCTHW, context_BMD, view_ids_BT, fps_B, noise, n_views, loss_scale):
-    """The official training loss for one batch (a scalar, fp32) through model.denoise."""
+    """The official training loss for one batch (a scalar, fp32) through model.denoise.
+
+    Inputs are full size. If the net is in context-parallel mode (model.enable_context_parallel) the
+    loss is the mean over this rank's latent frames of every view (attention.shard_views); the shards
+    are equal in size, so the mean of the group's losses is the loss of the whole batch.
+    """
     B = x0_BCTHW.shape[0]
     mask = conditional_mask(noise["n_cond"], n_views, x0_BCTHW.shape)
     context = context_BMD * noise["keep"].to(context_BMD.dtype)[:, None, None]  # whole caption dropped
     xt = x0_BCTHW + noise["sigma"].view(B, 1, 1, 1, 1) * noise["eps"]
+    target = noise["eps"] - x0_BCTHW
+    group = getattr(net, "cp_group", None)
+    if group is not None:  # the full draws are made on every rank, so a shard is exactly the cp=1 slice
+        rank, cp = dist.get_rank(group), dist.get_world_size(group)
+        shard = functools.partial(attention.shard_views, n_views=n_views, rank=rank, cp=cp)
+        x0_BCTHW, xt, target, mask = shard(x0_BCTHW), shard(xt), shard(target), shard(mask)  # [B, C, V*T/cp, H, W]
+        view_ids_BT = shard(view_ids_BT, dim=1)
     _, velocity = denoise(net, xt, noise["sigma"], context, view_ids_BT, fps_B, gt_BCTHW=x0_BCTHW,
                           cond_mask_B1THW=mask)
-    err = (velocity - (noise["eps"] - x0_BCTHW)) * (1 - mask)
+    err = (velocity - target) * (1 - mask)
     return loss_scale * err.square().mean()
 
 
@@ -610,6 +625,22 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device, True
 
 
+def setup_parallelism(device, world, cp):
+    """Meshes for world = dp x cp: (FSDP mesh over all ranks, this rank's cp group or None, dp rank, dp size).
+
+    cp is the inner axis, so a context-parallel group is cp consecutive ranks (one node's GPUs when cp
+    divides them). The ranks of a group share one sample stream (the sampler runs over dp); FSDP2 shards
+    the parameters over every rank, as the official runs shard over the same ranks that form the cp group.
+    """
+    if world % cp:
+        raise ValueError(f"cp={cp} does not divide the {world} ranks: the world must be data-parallel x cp")
+    fsdp_mesh = init_device_mesh(device.type, (world,))
+    if cp == 1:
+        return fsdp_mesh, None, dist.get_rank(), world
+    mesh = init_device_mesh(device.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))
+    return fsdp_mesh, mesh["cp"].get_group(), mesh.get_local_rank("dp"), world // cp
+
+
 def setup_trainable(net, config):
     """Choose what trains (everything, or only LoRA adapters); returns the trainable parameter names."""
     if config["lora_rank"] == 0:
@@ -726,17 +757,37 @@ def build_vae(config, device, dtype):
 
 
 @torch.no_grad()
-def encode_batch(vae, batch, device, views_per_call):
-    """uint8 video [B, V, T, 3, H, W] -> latent [B, 16, V*t, H/8, W/8] (fp32), views encoded separately."""
+def encode_batch(vae, batch, device, views_per_call, group=None):
+    """uint8 video [B, V, T, 3, H, W] -> latent [B, 16, V*t, H/8, W/8] (fp32), views encoded separately.
+
+    With a context-parallel group the views are spread: rank r encodes views r, r + cp, ... and the group
+    all-gathers the latents, so every rank returns the full latent. (A rank cannot encode just its own
+    latent frames: the encoder is causal in time, frame k depends on all frames before it.)
+    """
     video = batch["video"]
     B, V = video.shape[:2]
-    latents = []
+    if group is None:
+        latents = []
+        for b in range(B):
+            for views in video[b].split(views_per_call):
+                x = views.to(device, non_blocking=True).permute(0, 2, 1, 3, 4)  # [v, 3, T, H, W]
+                latents.append(vae.encode(x))  # [v, 16, t, h, w]
+        z = torch.cat(latents)  # [(B V), 16, t, h, w]
+        return z.unflatten(0, (B, V)).transpose(1, 2).flatten(2, 3)  # views stacked along time, view-major
+    rank, cp = dist.get_rank(group), dist.get_world_size(group)
+    slots = -(-V // cp)  # views per rank, rounded up; ranks with fewer (or none, when cp > V) send zeros
+    _, T, _, H, W = video.shape[1:]
+    t, h, w = 1 + (T - 1) // vae.time_factor, H // vae.space_factor, W // vae.space_factor
+    mine = torch.zeros(B, slots, vae.z_dim, t, h, w, device=device)
     for b in range(B):
-        for views in video[b].split(views_per_call):
+        for i, views in enumerate(video[b, rank::cp].split(views_per_call) if rank < V else ()):
             x = views.to(device, non_blocking=True).permute(0, 2, 1, 3, 4)  # [v, 3, T, H, W]
-            latents.append(vae.encode(x))  # [v, 16, t, h, w]
-    z = torch.cat(latents)  # [(B V), 16, t, h, w]
-    return z.unflatten(0, (B, V)).transpose(1, 2).flatten(2, 3)  # views stacked along time, view-major
+            mine[b, i * views_per_call:i * views_per_call + len(views)] = vae.encode(x)
+    parts = [torch.empty_like(mine) for _ in range(cp)]
+    dist.all_gather(parts, mine, group=group)
+    # View v sits in slot v // cp of rank v % cp: stacking ranks inside slots puts the views in order.
+    z = torch.stack(parts, dim=2).flatten(1, 2)[:, :V]  # [B, V, 16, t, h, w]
+    return z.transpose(1, 2).flatten(2, 3)  # [B, 16, V*t, h, w]
 
 
 def batch_inputs(batch, device, latent_frames):
@@ -929,16 +980,21 @@ def train_step(net, vae, batch, optimizer, scheduler, ema, iteration, config, tr
     """One optimizer step; returns (mean loss over all ranks, gradient norm before clipping).
 
     mark(phase), if given, is called after 'vae', 'forward_backward' and 'optimizer' (bench.py times them).
+    Under context parallelism (the net's cp_group) every rank of the group passes the same batch.
     """
     mark = mark or (lambda phase: None)
     n_views = batch["video"].shape[1]
-    x0 = encode_batch(vae, batch, device, config["vae_views_per_call"])  # [B, 16, V*t, h, w]
+    cp_group = getattr(net, "cp_group", None)
+    x0 = encode_batch(vae, batch, device, config["vae_views_per_call"], cp_group)  # [B, 16, V*t, h, w]
     mark("vae")
     B = x0.shape[0]
     context, view_ids, fps = batch_inputs(batch, device, x0.shape[2] // n_views)
     sample_ids = range(dp_rank * B, (dp_rank + 1) * B)  # global sample index: same draws for any world size
+    # Full-size draws on every rank of a cp group (identical: keyed by sample); the loss takes its shard.
     noise = draw_training_noise(config, x0.shape[1:], n_views, iteration, sample_ids, device)
     loss = diffusion_loss(net, x0, context, view_ids, fps, noise, n_views, config["loss_scale"])
+    # FSDP2 averages gradients over all dp x cp ranks. The cp shards are equal in size, so that average
+    # of per-shard means is the gradient of the batch mean (ring attention carries the cross-shard terms).
     loss.backward()
     mark("forward_backward")
     grad_norm = clip_gradients(trainable_params, config["grad_clip"], device)
@@ -947,7 +1003,7 @@ def train_step(net, vae, batch, optimizer, scheduler, ema, iteration, config, tr
     ema.update(ema_beta(iteration, config["ema_rate"]))
     optimizer.zero_grad(set_to_none=True)
     loss = loss.detach().clone()
-    dist.all_reduce(loss)  # sum (gloo has no average)
+    dist.all_reduce(loss)  # sum (gloo has no average); the mean of equal-sized shard means = the batch mean
     loss = loss.item() / dist.get_world_size()
     mark("optimizer")  # clip, AdamW, schedule, EMA (an offloaded EMA finishes in the background)
     return loss, grad_norm
@@ -1021,8 +1077,9 @@ def _train(config, rank, world, device):
     out = run_dir(config)
     ckpt_dir = out / "checkpoints"
     attention.set_backend(config["attention_backend"])
+    fsdp_mesh, cp_group, dp_rank, dp = setup_parallelism(device, world, config["cp"])
     if rank == 0:
-        print(f"config ({world} rank(s), {device.type}):")
+        print(f"config ({world} rank(s) = {dp} data-parallel x cp {config['cp']}, {device.type}):")
         for key, value in config.items():
             print(f"  {key} = {value!r}")
         prepare_demo_data(config)
@@ -1054,8 +1111,8 @@ def _train(config, rank, world, device):
 
     # Model, EMA, optimizer, schedule; then the latest checkpoint if any.
     start = latest_checkpoint(ckpt_dir)
-    mesh = init_device_mesh(device.type, (world,))
-    net, trainable = build_model(config, device, mesh, resuming=start is not None)
+    net, trainable = build_model(config, device, fsdp_mesh, resuming=start is not None)
+    net.enable_context_parallel(cp_group)  # ring self-attention over the group's shards (None: off)
     params = dict(net.named_parameters())
     trainable_params = [params[n] for n in trainable]
     ema = EMA([(n, params[n]) for n in trainable], offload=config["offload"] != "none")
@@ -1078,10 +1135,11 @@ def _train(config, rank, world, device):
     n_train = sum(p.numel() for p in trainable_params)
     if rank == 0:
         print(f"model {config['model']}: {sum(p.numel() for p in params.values()):,} parameters, {n_train:,} trainable; "
-              f"{len(dataset)} samples from {len(clips)} clips; global batch {config['batch_size'] * world}")
+              f"{len(dataset)} samples from {len(clips)} clips; global batch {config['batch_size'] * dp}")
 
     vae = build_vae(config, device, torch.bfloat16 if config["precision"] == "bf16" else torch.float32)
-    sampler = ResumableSampler(len(dataset), rank, world, config["batch_size"], config["seed"], start_iter=start)
+    # Over data-parallel ranks only: the cp ranks of a group load the same samples.
+    sampler = ResumableSampler(len(dataset), dp_rank, dp, config["batch_size"], config["seed"], start_iter=start)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config["batch_size"], sampler=sampler, drop_last=True, num_workers=config["num_workers"],
         pin_memory=device.type == "cuda", persistent_workers=config["num_workers"] > 0,
@@ -1099,7 +1157,7 @@ def _train(config, rank, world, device):
         t_data = time.perf_counter() - t0
         lr = optimizer.param_groups[0]["lr"]  # lr * schedule(it), the rate of this step
         loss, grad_norm = train_step(net, vae, batch, optimizer, scheduler, ema, it, config, trainable_params,
-                                     device, rank)
+                                     device, dp_rank)
         it += 1
         dt = time.perf_counter() - t0
         losses.append(loss)

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from prepare import VIEW_PREFIX
+
 # -----------------------------------------------------------------------------
 # constants of the official text pipeline
 
@@ -40,14 +42,7 @@ EMBED_DIM = 1024  # d_model of t5-11b; the tiny demo encoder uses a smaller widt
 # the official Waymo T5 scripts (the CSV front captions start with the front one). The predict2
 # loader never reads the prefix caches (the learned view embedding tells views apart); we still
 # write them so the folder matches the official layout and predict1-style loaders work.
-_MOUNT = "The video is captured from a camera mounted on a car."
-PREFIX_PROMPTS = {
-    "pinhole_front": f"{_MOUNT} The camera is facing forward.",
-    "pinhole_front_left": f"{_MOUNT} The camera is facing forward and slightly to the left.",
-    "pinhole_front_right": f"{_MOUNT} The camera is facing forward and slightly to the right.",
-    "pinhole_side_left": f"{_MOUNT} The camera is facing to the left.",
-    "pinhole_side_right": f"{_MOUNT} The camera is facing to the right.",
-}
+PREFIX_PROMPTS = VIEW_PREFIX  # one sentence per camera, shared with prepare.py's captions
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # no fp16: T5 1.0 activations overflow it
 WEIGHT_FILES = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]

@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from einops import rearrange
 
 from attention import attention, ring_attention
@@ -354,7 +353,6 @@ class MultiViewDiT(nn.Module):
         out_dim = self.patch_spatial * self.patch_spatial * self.patch_temporal * self.out_channels
         self.final_layer = FinalLayer(dim, c["adaln_lora_dim"], out_dim)
         self.view_embeddings = nn.Embedding(c["n_cameras_emb"], c["n_cameras_emb"])
-        self.checkpoint_blocks = False  # activation checkpointing per block (train.py switches it)
         self.skip_empty_text = True  # skip cross-attention for views whose T5 slot is all zeros (exact)
         self.cp_group = None  # context parallelism: this rank holds a latent-frame range of every view
 
@@ -439,11 +437,8 @@ class MultiViewDiT(nn.Module):
             active_views = [True] * V
 
         for block in self.blocks:
-            args = (x_BTND, t_emb_BTD, adaln_lora_BT3D, context_BVMD, rope, active_views, self_attn_fn)
-            if self.checkpoint_blocks and torch.is_grad_enabled():
-                x_BTND = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-            else:
-                x_BTND = block(*args)
+            # (train.py wraps each block's forward for activation checkpointing)
+            x_BTND = block(x_BTND, t_emb_BTD, adaln_lora_BT3D, context_BVMD, rope, active_views, self_attn_fn)
 
         out = self.final_layer(x_BTND, t_emb_BTD, adaln_lora_BT3D).reshape(B, Tt, h, w, -1)
         # Unpatchify with the channel as the INNERMOST factor (unlike the patch embed).

@@ -4,11 +4,9 @@ Each rank holds latent frames [r*T/cp, (r+1)*T/cp) of every view (shard_views); 
 and the summed parameter gradients must equal the unsharded forward/backward.
 """
 
-import socket
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _dist import run_gloo
 
 from attention import gather_views, shard_views
 from model import build_dit
@@ -43,26 +41,18 @@ def _forward_backward(model, inp, rank=0, cp=1):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank, world, port, path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        model = _model()
-        model.enable_context_parallel(dist.group.WORLD)
-        out, grads = _forward_backward(model, _inputs(), rank, world)
-        for g in grads.values():
-            dist.all_reduce(g)  # each rank's gradient covers its own tokens: the sum is the full gradient
-        torch.save({"out": out, "grads": grads}, f"{path}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, path):
+    model = _model()
+    model.enable_context_parallel(dist.group.WORLD)
+    out, grads = _forward_backward(model, _inputs(), rank, world)
+    for g in grads.values():
+        dist.all_reduce(g)  # each rank's gradient covers its own tokens: the sum is the full gradient
+    torch.save({"out": out, "grads": grads}, f"{path}.{rank}")
 
 
 def test_dit_cp2_equals_cp1(tmp_path):
     ref_out, ref_grads = _forward_backward(_model(), _inputs())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path / "res")), nprocs=2, join=True)
+    run_gloo(_worker, 2, str(tmp_path / "res"))
     results = [torch.load(tmp_path / f"res.{r}", weights_only=True) for r in range(2)]
     out = gather_views([r["out"] for r in results], V, dim=2)
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731

@@ -5,17 +5,16 @@ LSE and gradients; the test process stitches them together and compares them wit
 attention (autograd for the gradients) written here, independent of attention.py.
 """
 
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attention  # noqa: E402
+from _dist import run_gloo  # noqa: E402
 
 # Relative error (Frobenius norm) allowed against the float64 reference. bf16 carries 8 bits of
 # mantissa; its bound is there to catch wiring mistakes on the bf16 path (the last dK/dV hop travels
@@ -64,33 +63,21 @@ def _run_case(seed, case, group, group_rank):
     return {"out": out.detach(), "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(rank, world, out_dir):
     """One process of the gloo job: run every case and save the local results."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        results = {}
-        cases = CASES_2 if world == 2 else CASES_4
-        for i, (name, case) in enumerate(cases.items()):
-            results[name] = _run_case(i, case, dist.group.WORLD, rank)
-        if world == 4:
-            groups = [dist.new_group(ranks) for ranks in SUBGROUPS_4]  # every rank creates every group
-            mine = next(i for i, ranks in enumerate(SUBGROUPS_4) if rank in ranks)
-            results["subgroup"] = _run_case(100 + mine, SUBGROUP_CASE, groups[mine], SUBGROUPS_4[mine].index(rank))
-        # shard_views -> all_gather_views round trip on a BCTHW latent with 3 views x 4 frames.
-        x = torch.randn(2, 5, 3 * 4, 3, 2, generator=torch.Generator().manual_seed(7))
-        results["all_gather_views"] = attention.all_gather_views(
-            attention.shard_views(x, 3, rank, world), 3, dist.group.WORLD)
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    """A localhost TCP port that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    results = {}
+    cases = CASES_2 if world == 2 else CASES_4
+    for i, (name, case) in enumerate(cases.items()):
+        results[name] = _run_case(i, case, dist.group.WORLD, rank)
+    if world == 4:
+        groups = [dist.new_group(ranks) for ranks in SUBGROUPS_4]  # every rank creates every group
+        mine = next(i for i, ranks in enumerate(SUBGROUPS_4) if rank in ranks)
+        results["subgroup"] = _run_case(100 + mine, SUBGROUP_CASE, groups[mine], SUBGROUPS_4[mine].index(rank))
+    # shard_views -> all_gather_views round trip on a BCTHW latent with 3 views x 4 frames.
+    x = torch.randn(2, 5, 3 * 4, 3, 2, generator=torch.Generator().manual_seed(7))
+    results["all_gather_views"] = attention.all_gather_views(
+        attention.shard_views(x, 3, rank, world), 3, dist.group.WORLD)
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
 def _reference(q, k, v, dout):
@@ -122,7 +109,7 @@ def _check(name, seed, case, per_rank):
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_matches_full_attention(world, tmp_path):
     """Output, LSE and gradients of the ring equal full attention on the gathered sequence."""
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    run_gloo(_worker, world, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     cases = CASES_2 if world == 2 else CASES_4
     for i, (name, case) in enumerate(cases.items()):

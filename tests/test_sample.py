@@ -7,7 +7,6 @@ Models are the random `demo` DiT and the `tiny` Wan VAE, fp32 on CPU, a few step
 
 import json
 import math
-import socket
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -15,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import sample
+from _dist import run_gloo
 from model import VAE_PRESETS, WanVAE, build_dit, denoise
 
 GOLDEN = Path(__file__).parent / "golden" / "sampler.pt"
@@ -437,24 +436,16 @@ def _cp_inputs():
                 cond_mask=mask, steps=3)
 
 
-def _cp_worker(rank, world, port, path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        net = demo_net()
-        net.enable_context_parallel(dist.group.WORLD)
-        torch.save(sample.sample_latents(net, **_cp_inputs()), f"{path}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _cp_worker(rank, world, path):
+    net = demo_net()
+    net.enable_context_parallel(dist.group.WORLD)
+    torch.save(sample.sample_latents(net, **_cp_inputs()), f"{path}.{rank}")
 
 
 def test_context_parallel_sampling_equals_one_process(tmp_path):
     """cp=2 (gloo): same noise, same conditioning, same result on every rank as the unsharded run."""
     ref = sample.sample_latents(demo_net(), **_cp_inputs())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_cp_worker, args=(2, port, str(tmp_path / "lat")), nprocs=2, join=True)
+    run_gloo(_cp_worker, 2, str(tmp_path / "lat"))
     for r in range(2):
         got = torch.load(tmp_path / f"lat.{r}", weights_only=True)
         assert got.shape == ref.shape and rel(got, ref) < 1e-5, r

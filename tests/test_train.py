@@ -8,7 +8,6 @@ import collections
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import embed
+from _dist import free_port
 import prepare
 import train
 from model import build_dit
@@ -66,12 +66,6 @@ def finish(proc, expect=0):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == expect, out[-3000:]
     return out
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def log_of(out):

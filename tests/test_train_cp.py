@@ -8,7 +8,6 @@ Loss sequence, gradient norms and the final weights (and EMA) must agree to floa
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import embed
+from _dist import free_port, run_gloo
 import prepare
 import train
 from model import VAE_PRESETS, WanVAE, build_dit
@@ -44,12 +43,6 @@ def overrides(data_dir, out, **extra):
                 synthetic_clips=0, t5_dir="", sample_every=0, log_every=1, max_iter=3, save_every=3)
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_group(args, world):
@@ -101,25 +94,20 @@ def test_cp_settings_are_checked():
     assert not os.path.exists("/nonexistent/never")
 
 
-def _encode_worker(rank, world, port, path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        vae = WanVAE(**VAE_PRESETS["tiny"]).eval()
-        g = torch.Generator().manual_seed(1)
-        out = {}
-        for V, per_call in ((5, 2), (1, 1)):  # 5 views: 3 + 2 per rank, in calls of 2; 1 view: rank 1 idle
-            batch = dict(video=torch.randint(0, 256, (2, V, 5, 3, 16, 24), generator=g, dtype=torch.uint8))
-            out[V] = dict(cp=train.encode_batch(vae, batch, "cpu", per_call, group=dist.group.WORLD),
-                          one=train.encode_batch(vae, batch, "cpu", V))  # the single-rank path, all views at once
-        torch.save(out, f"{path}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _encode_worker(rank, world, path):
+    torch.manual_seed(0)
+    vae = WanVAE(**VAE_PRESETS["tiny"]).eval()
+    g = torch.Generator().manual_seed(1)
+    out = {}
+    for V, per_call in ((5, 2), (1, 1)):  # 5 views: 3 + 2 per rank, in calls of 2; 1 view: rank 1 idle
+        batch = dict(video=torch.randint(0, 256, (2, V, 5, 3, 16, 24), generator=g, dtype=torch.uint8))
+        out[V] = dict(cp=train.encode_batch(vae, batch, "cpu", per_call, group=dist.group.WORLD),
+                      one=train.encode_batch(vae, batch, "cpu", V))  # the single-rank path, all views at once
+    torch.save(out, f"{path}.{rank}")
 
 
 def test_vae_views_are_spread_over_the_cp_group_and_gathered(tmp_path):
-    mp.spawn(_encode_worker, args=(2, free_port(), str(tmp_path / "z")), nprocs=2, join=True)
+    run_gloo(_encode_worker, 2, str(tmp_path / "z"))
     for rank in range(2):
         res = torch.load(tmp_path / f"z.{rank}", weights_only=True)
         for V, z in res.items():

@@ -1,0 +1,28 @@
+"""Helpers for tests that run several processes joined in one gloo group on this machine."""
+
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port():
+    """A localhost TCP port that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _process(rank, world, port, fn, args):
+    torch.set_num_threads(1)  # two cores shared by every process
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(fn, world, *args):
+    """Run fn(rank, world, *args) in `world` spawned processes of one gloo group; fn must be module-level."""
+    mp.spawn(_process, args=(world, free_port(), fn, args), nprocs=world, join=True)

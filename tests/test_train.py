@@ -28,15 +28,18 @@ REPO = Path(__file__).resolve().parent.parent
 CAMS = train.WAYMO_CAMERAS
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """3 synthetic clips (13 frames, 32x48) with random 64-d front-camera caption embeddings."""
-    root = tmp_path_factory.mktemp("synthetic")
-    names = prepare.write_synthetic_dataset(str(root), 3, num_frames=13, height=32, width=48, seed=0)
+def synthetic_data(root, num_frames):
+    """3 synthetic clips (32x48, 5 cameras) with random 64-d front-camera caption embeddings."""
+    names = prepare.write_synthetic_dataset(str(root), 3, num_frames=num_frames, height=32, width=48, seed=0)
     rng = np.random.default_rng(0)
     for i, name in enumerate(names):
         embed.save_embedding(root / "t5_xxl" / "pinhole_front" / f"{name}.pickle", rng.standard_normal((5 + i, 64)))
     return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return synthetic_data(tmp_path_factory.mktemp("synthetic"), num_frames=13)
 
 
 def small(data_dir, out, **extra):

@@ -17,24 +17,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import embed
-from _dist import free_port, run_gloo
-import prepare
 import train
+from _dist import free_port, run_gloo
 from model import VAE_PRESETS, WanVAE, build_dit
+from test_train import synthetic_data
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """3 synthetic clips (9 frames, 32x48, 5 cameras) with random 64-d front-camera caption embeddings."""
-    root = tmp_path_factory.mktemp("synthetic")
-    names = prepare.write_synthetic_dataset(str(root), 3, num_frames=9, height=32, width=48, seed=0)
-    rng = np.random.default_rng(0)
-    for i, name in enumerate(names):
-        embed.save_embedding(root / "t5_xxl" / "pinhole_front" / f"{name}.pickle", rng.standard_normal((5 + i, 64)))
-    return root
+    return synthetic_data(tmp_path_factory.mktemp("synthetic"), num_frames=9)
 
 
 def overrides(data_dir, out, **extra):

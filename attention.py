@@ -610,23 +610,40 @@ def _ring_backward(dout, q, k, v, out, lse, group, sizes):
     return dq.to(q.dtype), dkv_own[0], dkv_own[1]
 
 
-class _RingAttention(torch.autograd.Function):
-    """Autograd wrapper: saves the global out and lse so the backward needs no recomputation."""
+# Like the local kernel, the ring is a registered custom op, so selective activation checkpointing
+# keeps its output instead of running the whole ring (communication included) again in backward.
+# Custom ops take strings, not process groups: groups are looked up by name.
+_RING_GROUPS = {}
 
-    @staticmethod
-    def forward(ctx, q, k, v, group, sizes):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = _ring_forward(q, k, v, group, sizes)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.sizes = group, sizes
-        ctx.mark_non_differentiable(lse)
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.group, ctx.sizes)
-        return dq, dk, dv, None, None
+@torch.library.custom_op("cosmos_mv::ring_attention", mutates_args=())
+def _ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str,
+                       kv_sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _ring_forward(q.contiguous(), k.contiguous(), v.contiguous(), _RING_GROUPS[group_name],
+                             tuple(kv_sizes))
+    return out.contiguous(), lse.contiguous()
+
+
+@_ring_attention_op.register_fake
+def _(q, k, v, group_name, kv_sizes):
+    B, Sq, H, _ = q.shape
+    return q.new_empty(B, Sq, H, v.shape[-1]), q.new_empty(B, H, Sq, dtype=torch.float32)
+
+
+def _ring_attention_setup(ctx, inputs, output):
+    q, k, v, group_name, kv_sizes = inputs
+    ctx.save_for_backward(q, k, v, *output)  # the global out and lse: the backward recomputes nothing
+    ctx.group, ctx.sizes = _RING_GROUPS[group_name], tuple(kv_sizes)
+
+
+def _ring_attention_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _ring_backward(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
+                                ctx.group, ctx.sizes)
+    return dq, dk, dv, None, None
+
+
+_ring_attention_op.register_autograd(_ring_attention_backward, setup_context=_ring_attention_setup)
 
 
 def ring_attention_with_lse(q, k, v, group=None, kv_sizes=None):
@@ -644,7 +661,12 @@ def ring_attention_with_lse(q, k, v, group=None, kv_sizes=None):
     if len(kv_sizes) != P or kv_sizes[rank] != k.shape[1] or min(kv_sizes) < 1:
         raise ValueError(f"ring_attention: kv_sizes {list(kv_sizes)} do not fit a ring of {P} ranks "
                          f"in which rank {rank} holds {k.shape[1]} keys (and every rank at least one)")
-    return _RingAttention.apply(q, k, v, group, kv_sizes)
+    if P == 1:
+        out, lse = _flash_attention_op(q, k, v)
+    else:
+        _RING_GROUPS.setdefault(group.group_name, group)
+        out, lse = _ring_attention_op(q, k, v, group.group_name, list(kv_sizes))
+    return out, lse.detach()  # the lse is not differentiable
 
 
 def ring_attention(q, k, v, group=None, kv_sizes=None):

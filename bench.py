@@ -465,8 +465,7 @@ def ring_model(result, kernels, vae, impl, P=8):
     """Predicted s/iter at CP=P from one measured 1-GPU training result and the kernel table.
 
     Two numbers: with the attention output kept by checkpointing, and with the attention forward
-    recomputed in backward (what happens today: ring attention is an autograd.Function, which
-    selective checkpointing cannot keep).
+    recomputed in backward (activation_checkpointing=full; save_attention keeps the ring's output).
     """
     S = result["tokens"] / P
     run_impl = KERNEL_OF_BACKEND.get(result["backend"])

@@ -247,7 +247,7 @@ def load_lora(path, model):
 # ---------------------------------------------------------------------------------------------------
 
 
-def main():
+def main(argv=None):
     """Merge a LoRA checkpoint (full, PEFT layout) or base + adapter file into plain DiT weights."""
     from safetensors.torch import save_file
 
@@ -256,15 +256,21 @@ def main():
     p.add_argument("--lora", required=True, help="full LoRA checkpoint (.pt/.safetensors) or adapter file")
     p.add_argument("--base", help="base DiT checkpoint, needed when --lora is an adapter file")
     p.add_argument("--ema", action="store_true", help="take the net_ema. weights of a full checkpoint")
-    p.add_argument("--alpha", type=float, help="LoRA alpha of a full checkpoint (default: alpha = rank)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha of a full checkpoint (default: the training run's "
+                   "lora_alpha for our checkpoints, else alpha = rank as in the official experiment)")
     p.add_argument("--out", required=True, help="output .safetensors with the official plain keys")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.base:
         sd = select_dit_weights(read_state_dict(args.base), source=args.base)
         adapters, config = read_lora(args.lora)
         sd = merge_lora_state_dict({**sd, **adapters}, alpha=config["alpha"], rank=config["rank"])
     else:  # folding is by key suffix, so it works before the net./net_ema. prefix is picked
-        sd = merge_lora_state_dict(read_state_dict(args.lora), alpha=args.alpha)
+        alpha = args.alpha
+        if alpha is None:  # our checkpoints keep their training config (with lora_alpha) next to them
+            from sample import find_run_config
+            run = find_run_config(args.lora) or {}
+            alpha = run.get("lora_alpha") if run.get("lora_rank") else None
+        sd = merge_lora_state_dict(read_state_dict(args.lora), alpha=alpha)
         sd = select_dit_weights(sd, ema=args.ema, source=args.lora)
     tmp = f"{args.out}.tmp{os.getpid()}"
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp)

@@ -241,6 +241,13 @@ def test_sample_py_merged_and_unmerged_give_the_same_video(run, monkeypatch):
         torch.testing.assert_close(net.state_dict()[f"{name}.weight"].double(), w + ALPHA / RANK * b @ a,
                                    rtol=0, atol=1e-6)
 
+    # lora.py's merge CLI takes alpha from the run config too: its plain weights equal the command's net.
+    lora.main(["--lora", str(ckpt), "--out", str(run["root"] / "merged.safetensors")])
+    from safetensors.torch import load_file
+    exported = load_file(str(run["root"] / "merged.safetensors"))
+    assert exported.keys() == net.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in net.state_dict().items())
+
     # An adapter-only file over the base named by the run config (init=): the same net as the full checkpoint.
     torch.save({k: v for k, v in sd.items() if k.startswith("net.") and is_adapter(k)}, run["root"] / "adapters.pt")
     only = sample.load_dit_for_sampling(run["root"] / "adapters.pt", run["config"], dtype=torch.float32,

@@ -293,8 +293,10 @@ def triton_available():
 
 
 def _use_kernels(x):
-    """Kernels on CUDA when available; on CPU tensors only under the Triton interpreter."""
-    return (x.is_cuda and triton_available()) or (_INTERPRET and _HAVE_TRITON and not x.is_cuda)
+    """Kernels on CUDA for bf16/fp16 and head dims they support; on CPU only under the Triton interpreter."""
+    if x.is_cuda:
+        return triton_available() and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] in KERNEL_HEAD_DIMS
+    return _INTERPRET and _HAVE_TRITON
 
 
 def _check_inputs(q, k, v):
@@ -406,19 +408,39 @@ def _triton_backward(dout, q, k, v, out, lse, config=None, q_split=None):
     return dq, dk, dv
 
 
+# Where the kernels cannot run (CPU, fp32, other GPUs, other head dims) the primitives fall back to the
+# reference math in at least fp32, one block of queries at a time: exact, and memory stays
+# O(block x keys) instead of O(queries x keys), which matters for ring attention at 720p.
+_FALLBACK_QUERY_BLOCK = 1024
+
+
 def attention_forward(q, k, v):
     """Forward primitive used by ring attention: (out, lse) with lse [B, H, Sq] in fp32."""
     if _use_kernels(q):
         return _triton_forward(q, k, v)
-    out, lse = reference_attention(q, k, v)
-    return out, lse.float()
+    compute = torch.promote_types(q.dtype, torch.float32)
+    k32, v32 = k.to(compute), v.to(compute)
+    outs, lses = zip(*(reference_attention(q[:, s:s + _FALLBACK_QUERY_BLOCK].to(compute), k32, v32)
+                       for s in range(0, q.shape[1], _FALLBACK_QUERY_BLOCK)))
+    return torch.cat(outs, 1).to(q.dtype), torch.cat(lses, 2).float()
 
 
 def attention_backward(dout, q, k, v, out, lse):
     """Backward primitive used by ring attention: (dq, dk, dv) in the inputs' dtype."""
     if _use_kernels(q):
         return _triton_backward(dout, q, k, v, out, lse)
-    return reference_attention_backward(dout, q, k, v, out, lse.to(q.dtype))
+    compute = torch.promote_types(q.dtype, torch.float32)
+    k32, v32 = k.to(compute), v.to(compute)
+    dqs, dk, dv = [], torch.zeros_like(k32), torch.zeros_like(v32)
+    for s in range(0, q.shape[1], _FALLBACK_QUERY_BLOCK):
+        rows = slice(s, s + _FALLBACK_QUERY_BLOCK)
+        dq_s, dk_s, dv_s = reference_attention_backward(
+            dout[:, rows].to(compute), q[:, rows].to(compute), k32, v32, out[:, rows].to(compute),
+            lse[:, :, rows].to(compute))
+        dqs.append(dq_s)
+        dk += dk_s
+        dv += dv_s
+    return torch.cat(dqs, 1).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 # The autograd wrapper is a registered custom op (not a plain autograd.Function) so that PyTorch's

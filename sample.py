@@ -558,14 +558,15 @@ def _write_text(path, text):
 
 @torch.no_grad()
 def sample_latents(net, noise, context, uncond_context, guidance, view_indices, fps, gt=None, cond_mask=None,
-                   steps=STEPS, progress=False, sigmas=None):
+                   steps=STEPS, progress=False, sigmas=None, device=None):
     """Full latents [B, 16, V*T, h, w] from full-size inputs; sharded over the net's cp group if it has one.
 
     Every rank passes the same full inputs (same seed, same noise) and gets the same full result.
+    `device` defaults to the net's; pass it when the weights live elsewhere (FSDP2 CPU offload).
     """
     n_views = context.shape[1] // TEXT_SLOT_TOKENS
     group = getattr(_unwrap(net), "cp_group", None)
-    device = next(net.parameters()).device
+    device = device if device is not None else next(net.parameters()).device
     if group is not None:  # keep this rank's frames of every view (attention.shard_views)
         rank, cp = dist.get_rank(group), dist.get_world_size(group)
         shard = lambda t, dim: None if t is None else shard_views(t, n_views, rank, cp, dim).contiguous()  # noqa: E731
@@ -612,8 +613,9 @@ def sample_batch_for_training(net, vae, batch, guidance, seed, steps=STEPS, num_
         frames = video.unflatten(2, (V, T))[:, :, :, :n_pixel]  # [B, 3, V, n, H, W]
         gt, mask = encode_conditioning(vae, frames, t)
     noise = initial_noise((B, vae.z_dim, V * t, H // vae.space_factor, W // vae.space_factor), seed)
+    # The batch's device, not the weights': with offload=all the sharded weights live in CPU memory.
     latent = sample_latents(net, noise, context, torch.zeros_like(context), guidance, views, fps, gt, mask,
-                            steps=steps)
+                            steps=steps, device=context.device)
     return to_uint8(decode_views(vae, latent, V))
 
 

@@ -23,6 +23,7 @@ import argparse
 import ast
 import bisect
 import contextlib
+import datetime
 import difflib
 import functools
 import json
@@ -569,10 +570,15 @@ class EMA:
             return DTensor.from_local(s.to(dev), p.device_mesh, p.placements, run_check=False).full_tensor()
         return s
 
-    def full_state_dict(self):
-        """{name: full fp32 tensor on CPU} (a collective: every rank must call it)."""
+    def full_state_dict(self, keep=True):
+        """{name: full fp32 tensor on CPU}; a collective: every rank calls it, ranks with keep=False get {}."""
         self.wait()
-        return {n: self._full(p, s).cpu() for n, p, s in zip(self.names, self.params, self.shadow)}
+        out = {}
+        for n, p, s in zip(self.names, self.params, self.shadow):
+            full = self._full(p, s)
+            if keep:  # only the writing rank pays the host memory of a full copy
+                out[n] = full.cpu()
+        return out
 
     @torch.no_grad()
     def load_full_state_dict(self, sd):
@@ -618,7 +624,8 @@ def setup_distributed():
         torch.cuda.set_device(device)
     backend = "nccl" if cuda else "gloo"
     if "RANK" in os.environ:  # torchrun (or a test harness) set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
-        dist.init_process_group(backend, device_id=device if cuda else None)
+        # A long timeout: the other ranks wait at a barrier while rank 0 writes a ~31 GB checkpoint.
+        dist.init_process_group(backend, device_id=device if cuda else None, timeout=datetime.timedelta(hours=1))
     else:  # plain `python train.py`: a group of one, no network needed
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 device_id=device if cuda else None)
@@ -928,7 +935,7 @@ def save_checkpoint(ckpt_dir, iteration, net, optimizer, scheduler, ema, config,
     t0 = time.perf_counter()
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     net_sd = get_model_state_dict(net, options=opts)
-    ema_sd = ema.full_state_dict()
+    ema_sd = ema.full_state_dict(keep=rank == 0)
     optim_sd = get_optimizer_state_dict(net, optimizer, options=opts)
     rngs = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, rng_state(device))
@@ -1044,11 +1051,19 @@ def write_samples(net, vae, ema, batch, iteration, config, out_dir, device, rank
                         print(f"warning: could not write {path}: {type(e).__name__}: {e}", file=sys.stderr)
 
 
+def _log_iteration(line):
+    """The iteration of one log.jsonl line, or None for a line cut short by a kill mid-write."""
+    try:
+        return json.loads(line)["iter"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def trim_log(path, iteration):
-    """Keep only log lines of iterations <= the resumed one (a killed run may have logged further)."""
+    """Keep only complete log lines of iterations <= the resumed one (a killed run may have logged further)."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["iter"] <= iteration]
+    lines = [ln for ln in path.read_text().splitlines() if (it := _log_iteration(ln)) is not None and it <= iteration]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text("".join(ln + "\n" for ln in lines))
     os.replace(tmp, path)
@@ -1101,10 +1116,12 @@ def _train(config, rank, world, device):
         raise ValueError(f"{config['dataset_dir']}: no training samples (the last int(0.1 N) + 1 of N clips are "
                          f"held out, so at least 2 usable clips with >= {config['num_frames']} frames are needed)")
     model_cfg = dit_config(config["model"])
-    if clips[0]["text_dim"] != model_cfg["crossattn_emb_channels"]:
-        raise ValueError(f"T5 embeddings of {config['dataset_dir']} are {clips[0]['text_dim']}-d but model "
-                         f"{config['model']!r} expects {model_cfg['crossattn_emb_channels']}-d (embed with the "
-                         f"matching T5)")
+    wrong_width = [c for c in clips if c["text_dim"] != model_cfg["crossattn_emb_channels"]]
+    if wrong_width:
+        names = ", ".join(f"{c['embedding']} ({c['text_dim']}-d)" for c in wrong_width[:5])
+        raise ValueError(f"{config['dataset_dir']}: T5 embeddings of {len(wrong_width)} clip(s) do not have the "
+                         f"{model_cfg['crossattn_emb_channels']}-d width model {config['model']!r} expects: {names}"
+                         f"{' ...' if len(wrong_width) > 5 else ''} (embed every clip with the matching T5)")
     bad_ids = [i for i in config["camera_to_view_id"].values() if not 0 <= i < model_cfg["n_cameras_emb"]]
     if bad_ids:
         raise ValueError(f"view ids {bad_ids} out of range for {model_cfg['n_cameras_emb']} camera embeddings")

@@ -186,3 +186,20 @@ def test_flash_attention_is_saved_by_selective_checkpointing():
     assert len(calls) == 1  # forward only: the backward reused the saved output
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fallback_primitives_in_query_blocks_match_float64(monkeypatch, dtype):
+    """The non-kernel primitives (ring attention on CPU/fp32/other GPUs) work a block of queries at a time."""
+    monkeypatch.setattr(attention, "_FALLBACK_QUERY_BLOCK", 7)  # 30 queries: 5 blocks, ragged last one
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(2, 30, 3, 16, generator=g, dtype=torch.float64) for _ in range(4))
+    out_ref, lse_ref = attention.reference_attention(q, k, v)
+    grads_ref = attention.reference_attention_backward(dout, q, k, v, out_ref, lse_ref)
+    out, lse = attention.attention_forward(q.to(dtype), k.to(dtype), v.to(dtype))
+    grads = attention.attention_backward(dout.to(dtype), q.to(dtype), k.to(dtype), v.to(dtype), out, lse)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: rounding of the inputs and outputs only
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    for got, want in ((out, out_ref), (lse, lse_ref), *zip(grads, grads_ref)):
+        assert got.shape == want.shape
+        assert ((got.double() - want).norm() / want.norm()).item() < tol

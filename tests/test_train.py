@@ -336,3 +336,22 @@ def test_demo_command_prepares_embeds_trains_and_samples(tmp_path):
     if train._sample_module() is not None:
         mp4s = sorted(p.name for p in (run_dir(tmp_path / "out") / "samples").glob("*.mp4"))
         assert mp4s == ["iter_000000003_ema_guidance2.mp4", "iter_000000003_reg_guidance2.mp4"]
+
+
+def test_resume_trims_the_log_and_survives_a_line_cut_short(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"iter": 1, "loss": 2.0}\n{"iter": 2, "loss": 1.5}\n{"iter": 3, "loss": 1.2}\n{"iter": 4, "lo')
+    train.trim_log(log, 2)
+    assert [json.loads(ln)["iter"] for ln in log.read_text().splitlines()] == [1, 2]
+
+
+def test_caption_embeddings_of_the_wrong_width_are_named(data_dir, tmp_path):
+    """A clip embedded with another T5 fails up front with its file named, not deep inside k_proj."""
+    src = sorted(p.stem for p in (data_dir / "videos" / CAMS[0]).glob("*.mp4"))[0]
+    root = tmp_path / "ds"
+    for name in ("a", "b", "c"):
+        _copy_clip(data_dir, src, root, name)
+    embed.save_embedding(root / "t5_xxl" / "pinhole_front" / "b.pickle", np.ones((4, 32)))
+    config = train.resolve_config("demo", small(root, tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"b\.pickle \(32-d\)"):
+        train.train(config)

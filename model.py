@@ -916,3 +916,24 @@ def load_vae(path, dtype=torch.bfloat16, device="cpu", config=None):
     check_state_dict(vae, sd, path)
     vae.load_state_dict(sd, strict=True, assign=True)
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def build_vae(preset="wan2.1", path=None, seed=None, dtype=torch.bfloat16, device="cpu"):
+    """The Wan2.1 VAE from its file, or (seed given, no file) a random one for demos and benchmarks.
+
+    The random VAE is PyTorch's default init of WanVAE(**VAE_PRESETS[preset]) on CPU in float32 after
+    torch.manual_seed(seed) (the caller's RNG state is left alone): train.py and sample.py both build
+    the demo VAE here, so they see the same latent space.
+    """
+    config = VAE_PRESETS[preset] if isinstance(preset, str) else preset
+    if path is not None and seed is None:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"VAE file not found: {path} (the Wan2.1 tokenizer.pth of "
+                                    f"Cosmos-Predict2-2B-Video2World; sample.py: --vae, or --vae_seed for a random VAE)")
+        return load_vae(str(path), dtype=dtype, device=device, config=config)
+    if seed is None:
+        raise ValueError("build_vae needs a VAE file or a seed for a random VAE")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = WanVAE(**config)
+    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)

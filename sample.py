@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from attention import all_gather_views, shard_views
-from model import (VAE_PRESETS, MultiViewDiT, WanVAE, build_dit, check_state_dict, denoise, dit_config, load_vae,
+from model import (MultiViewDiT, build_dit, build_vae, check_state_dict, denoise, dit_config,
                    read_state_dict, select_dit_weights)
 
 # ---------------------------------------------------------------------------------------------------
@@ -445,26 +445,6 @@ def _inject_adapters(net, sd, alpha=None):
     # an adapter-only file over a plain base: the base's X.weight is the wrapper's X.base_layer.weight
     plain = {f"{n}.{leaf}": f"{n}.base_layer.{leaf}" for n in names for leaf in ("weight", "bias")}
     return {plain.get(k, k): v for k, v in sd.items()}
-
-
-def build_vae(preset="wan2.1", path=None, seed=None, dtype=torch.bfloat16, device="cpu"):
-    """The Wan2.1 VAE from its file, or (seed given, no file) a random one for demos and benchmarks.
-
-    The random VAE is PyTorch's default init of WanVAE(**VAE_PRESETS[preset]) on CPU in float32 after
-    torch.manual_seed(seed) (the caller's RNG state is left alone): train.py builds its demo VAE the
-    same way, so both see the same latent space.
-    """
-    config = VAE_PRESETS[preset] if isinstance(preset, str) else preset
-    if path is not None and seed is None:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"VAE file not found: {path} (pass --vae, or --vae_seed for a random VAE)")
-        return load_vae(str(path), dtype=dtype, device=device, config=config)
-    if seed is None:
-        raise ValueError("build_vae needs a VAE file or a seed for a random VAE")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = WanVAE(**config)
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selecti
 
 import attention
 from embed import NUM_TOKENS, find_embedding, load_embedding
-from model import VAE_PRESETS, WanVAE, build_dit, denoise, dit_config, load_vae
+import model
+from model import VAE_PRESETS, build_dit, denoise, dit_config
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Config
@@ -753,14 +754,8 @@ def build_optimizer(config, trainable_params):
 def build_vae(config, device, dtype):
     """The frozen VAE: the official Wan2.1 file, or (demo) a random one rebuilt identically from vae_seed."""
     if config["vae"] == "tiny":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config["vae_seed"])
-            vae = WanVAE(**VAE_PRESETS["tiny"])
-        return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    if not os.path.isfile(config["vae_path"]):
-        raise FileNotFoundError(f"vae_path={config['vae_path']}: no such file (the Wan2.1 tokenizer.pth of "
-                                f"Cosmos-Predict2-2B-Video2World)")
-    return load_vae(config["vae_path"], dtype=dtype, device=device, config=VAE_PRESETS[config["vae"]])
+        return model.build_vae("tiny", seed=config["vae_seed"], dtype=dtype, device=device)
+    return model.build_vae(config["vae"], path=config["vae_path"], dtype=dtype, device=device)
 
 
 @torch.no_grad()

@@ -44,9 +44,21 @@ def sdpa(q, k, v):
 
 
 def bench_impl(name, q, k, v, do):
-    """(forward ms, backward ms) of one implementation."""
+    """(forward ms, backward ms) of one implementation.
+
+    ours: what attention.py runs (Gluon forward on sm_90, Triton backward); triton: the plain Triton
+    forward that other GPUs get (same backward); cudnn / flash: SDPA forced to that backend; default:
+    SDPA with PyTorch's own choice (what train.py's attention_backend=sdpa runs).
+    """
     backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}.get(name)
-    fn = A.flash_attention if name == "ours" else sdpa
+    fn = A.flash_attention if name in ("ours", "triton") else sdpa
+    if name == "triton":
+        gluon_available = A.gluon_available
+        A.gluon_available = lambda x=None: False
+        try:
+            return bench_impl("ours", q, k, v, do)
+        finally:
+            A.gluon_available = gluon_available
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
 
     def run():
@@ -91,7 +103,7 @@ def main_table(args):
         q, k, v, do = inputs(Sq, Sk)
         flops = 4 * Sq * Sk * 128 * 16
         row = {"kind": kind, "Sq": Sq, "Sk": Sk}
-        for name in ("ours", "cudnn", "flash"):
+        for name in ("ours", "triton", "cudnn", "default", "flash"):
             try:
                 f_ms, b_ms = bench_impl(name, q, k, v, do)
                 row[name] = (flops / f_ms / 1e9, 2.5 * flops / b_ms / 1e9, f_ms, b_ms)
@@ -101,8 +113,9 @@ def main_table(args):
         row["cfg"] = (str(A._attn_fwd_tuned.best_config), str(A._attn_bwd_tuned.best_config))
         rows.append(row)
         fmt = lambda r, i: f"{r[i]:.0f}" if r else "n/a"
-        print(f"{kind:5s} {Sq:>7d} x {Sk:<7d} fwd ours {fmt(row['ours'], 0)} cudnn {fmt(row['cudnn'], 0)} "
-              f"flash {fmt(row['flash'], 0)} | bwd ours {fmt(row['ours'], 1)} cudnn {fmt(row['cudnn'], 1)} "
+        print(f"{kind:5s} {Sq:>7d} x {Sk:<7d} fwd ours {fmt(row['ours'], 0)} triton {fmt(row['triton'], 0)} "
+              f"cudnn {fmt(row['cudnn'], 0)} default {fmt(row['default'], 0)} flash {fmt(row['flash'], 0)} | "
+              f"bwd ours {fmt(row['ours'], 1)} cudnn {fmt(row['cudnn'], 1)} default {fmt(row['default'], 1)} "
               f"flash {fmt(row['flash'], 1)}  [{row['cfg'][0]} / {row['cfg'][1]}]", flush=True)
         del q, k, v, do
         torch.cuda.empty_cache()
@@ -115,14 +128,17 @@ def main_table(args):
              "", "Command: `python dev/bench_attention.py --out bench_results/attention_kernels.md`", "",
              "B=1, H=16, D=128, bf16, layout [B, S, H, D], non-causal. TFLOP/s with forward = 4·Nq·Nk·D·H, "
              "backward = 2.5× forward; medians of CUDA-event timings. SDPA forward in training mode "
-             "(inputs require grad).", "",
-             "| shape | Nq × Nk | fwd ours | fwd cuDNN | fwd flash | ours/cuDNN | bwd ours | bwd cuDNN "
-             "| bwd flash | ours/cuDNN |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "(inputs require grad). ours = Gluon forward (sm_90) + Triton backward; triton = the plain "
+             "Triton forward; default = SDPA's own kernel choice.", "",
+             "| shape | Nq × Nk | fwd ours | fwd triton | fwd cuDNN | fwd default | fwd flash | ours/cuDNN "
+             "| bwd ours | bwd cuDNN | bwd default | bwd flash | ours/cuDNN |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = lambda name, i: f"{r[name][i]:.0f}" if r[name] else "n/a"
         ratio = lambda i: f"{r['ours'][i] / r['cudnn'][i]:.2f}×" if r["ours"] and r["cudnn"] else "n/a"
-        lines.append(f"| {r['kind']} | {r['Sq']:,} × {r['Sk']:,} | {f('ours', 0)} | {f('cudnn', 0)} | "
-                     f"{f('flash', 0)} | {ratio(0)} | {f('ours', 1)} | {f('cudnn', 1)} | {f('flash', 1)} | {ratio(1)} |")
+        lines.append(f"| {r['kind']} | {r['Sq']:,} × {r['Sk']:,} | {f('ours', 0)} | {f('triton', 0)} | "
+                     f"{f('cudnn', 0)} | {f('default', 0)} | {f('flash', 0)} | {ratio(0)} | {f('ours', 1)} | "
+                     f"{f('cudnn', 1)} | {f('default', 1)} | {f('flash', 1)} | {ratio(1)} |")
     lines += ["", "Autotuned configs (forward / backward) per shape:", ""]
     lines += [f"- {r['Sq']:,} × {r['Sk']:,}: {r['cfg'][0]} / {r['cfg'][1]}" for r in rows]
     lines += ["", "Relative error vs float64 (Nq = Nk = 2,048 slice, bf16): out, dq, dk, dv",

@@ -2,11 +2,15 @@
 
 CPU: the kernels run in Triton's interpreter (TRITON_INTERPRET=1 must be set before triton is
 imported, so that part runs in a subprocess); fp32 and fp16 only, the interpreter mis-reads bf16.
-GPU (skipped without CUDA): bf16 errors must stay within 1.5x of SDPA's on the same inputs.
+GPU (skipped without CUDA): bf16 errors must stay within 1.5x of SDPA's on the same inputs, for the
+Triton forward and the Gluon (Hopper) forward. The Gluon kernel cannot run in the interpreter; on
+CPU it is compiled for sm_90 instead, which checks that it builds with the pinned Triton and keeps the
+properties its speed depends on (wgmma, TMA, setmaxnreg, no register spills).
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,8 +132,13 @@ def _sdpa(q, k, v):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("B,Sq,Sk,H,D", [(2, 1000, 1000, 4, 128), (1, 1531, 1531, 2, 64),
                                          (1, 2200, 512, 4, 128), (1, 300, 4099, 2, 128)])
-def test_gpu_bf16_within_sdpa_error(B, Sq, Sk, H, D):
+@pytest.mark.parametrize("forward", ["gluon", "triton"])
+def test_gpu_bf16_within_sdpa_error(B, Sq, Sk, H, D, forward, monkeypatch):
     assert attention.triton_available()
+    if forward == "gluon" and not attention.gluon_available():
+        pytest.skip("the Gluon forward needs an sm_90 GPU")
+    if forward == "triton":  # what non-Hopper GPUs run
+        monkeypatch.setattr(attention, "gluon_available", lambda x=None: False)
     torch.manual_seed(2)
     dev = "cuda"
     q, do = (torch.randn(B, Sq, H, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
@@ -155,6 +164,37 @@ def test_gpu_bf16_within_sdpa_error(B, Sq, Sk, H, D):
     assert (lse.double() - ref_lse).abs().max().item() < 1e-3
     # the model's entry point takes the kernels on CUDA
     torch.testing.assert_close(attention.attention(q, k, v), ours[0], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not attention._HAVE_GLUON, reason="needs Triton with Gluon")
+@pytest.mark.parametrize("D", [64, 128])
+def test_gluon_forward_compiles_for_hopper(D, tmp_path):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    cfg = attention.GLUON_FWD_CONFIG
+    x = torch.zeros(1, 256, 2, D, dtype=torch.bfloat16)  # descriptors only need shapes and strides
+    dq, dk = attention._gl_desc(x, cfg["BLOCK_M"]), attention._gl_desc(x, cfg["BLOCK_N"])
+    fn = attention._gl_attn_fwd_kernel
+    signature = dict(desc_q=mangle_type(dq), desc_k=mangle_type(dk), desc_v=mangle_type(dk),
+                     desc_o=mangle_type(dq), Lse="*fp32", H="i32", Sq="i32", Sk="i32", qk_scale="fp32")
+    const = dict(HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NUM_BUF=cfg["NUM_BUF"],
+                 BAR_N=triton.next_power_of_2(cfg["NUM_BUF"]))
+    signature.update({name: "constexpr" for name in const})
+    src = GluonASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
+    assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+240;", ptx)  # the consumers' registers
+    assert compiled.metadata.num_warps == 12  # 2 consumer warpgroups + the producer's warpgroup
+    assert compiled.metadata.shared <= 227 * 1024
+    (tmp_path / "fwd.ptx").write_text(ptx)
+    info = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(tmp_path / "fwd.ptx"),
+                           "-o", str(tmp_path / "fwd.cubin")], capture_output=True, text=True, check=True).stderr
+    assert "0 bytes spill stores" in info, info
 
 
 def test_flash_attention_is_saved_by_selective_checkpointing():

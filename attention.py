@@ -20,12 +20,14 @@ import torch.nn.functional as F
 # 1. Entry point
 # ---------------------------------------------------------------------------------------------------
 
-BACKENDS = ("auto", "sdpa", "triton", "reference")
+# triton: our kernels both ways; triton-cudnn: our forward with cuDNN's backward (ours is ~0.7x cuDNN
+# there, see BENCH.md), fed our out and lse, so the pair is faster than either alone.
+BACKENDS = ("auto", "sdpa", "triton", "triton-cudnn", "reference")
 _backend = "auto"  # 'auto': Triton kernels on CUDA when available, SDPA otherwise
 
 
 def set_backend(name):
-    """Choose the attention implementation globally ('auto', 'sdpa', 'triton', 'reference')."""
+    """Choose the attention implementation globally (one of BACKENDS)."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
@@ -42,8 +44,8 @@ def attention(q, k, v, backend=None):
         # SDPA wants [B, H, S, D]; the transposes are views, SDPA handles the strides.
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
-    if backend == "triton":
-        return flash_attention(q, k, v)
+    if backend in ("triton", "triton-cudnn"):
+        return flash_attention(q, k, v, cudnn_backward=backend == "triton-cudnn")
     if backend == "reference":
         return reference_attention(q, k, v)[0]
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -659,33 +661,48 @@ def attention_backward(dout, q, k, v, out, lse):
 # the most expensive op of the block (train.py's `save_attention` mode).
 
 
+def _cudnn_backward(dout, q, k, v, out, lse):
+    """cuDNN's flash-attention backward from our out and lse, through SDPA's (private) aten op."""
+    if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
+        return attention_backward(dout, q, k, v, out, lse)
+    t = lambda x: x.transpose(1, 2)  # [B, S, H, D] -> the [B, H, S, D] view cuDNN takes
+    none = q.new_empty(0)  # dropout RNG state: unused without dropout
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        t(dout), t(q), t(k), t(v), t(out), lse.unsqueeze(-1), none, none, None, None, None, q.shape[1],
+        k.shape[1], 0.0, False, scale=1.0 / math.sqrt(q.shape[-1]))
+    return t(dq), t(dk), t(dv)
+
+
 @torch.library.custom_op("cosmos_mv::flash_attention", mutates_args=())
-def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cudnn_backward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = attention_forward(q, k, v)
     return out.contiguous(), lse.contiguous()
 
 
 @_flash_attention_op.register_fake
-def _(q, k, v):
+def _(q, k, v, cudnn_backward=False):
     B, Sq, H, _ = q.shape
     return q.new_empty(B, Sq, H, v.shape[-1]), q.new_empty(B, H, Sq, dtype=torch.float32)
 
 
 def _flash_attention_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, *output)  # q, k, v, out, lse
+    ctx.save_for_backward(*inputs[:3], *output)  # q, k, v, out, lse
+    ctx.cudnn_backward = inputs[3]
 
 
 def _flash_attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    return attention_backward(dout.contiguous(), q, k, v, out, lse)
+    backward = _cudnn_backward if ctx.cudnn_backward else attention_backward
+    return *backward(dout.contiguous(), q, k, v, out, lse), None
 
 
 _flash_attention_op.register_autograd(_flash_attention_backward, setup_context=_flash_attention_setup)
 
 
-def flash_attention(q, k, v):
+def flash_attention(q, k, v, cudnn_backward=False):
     """Autograd-aware attention [B, S, H, D] -> [B, Sq, H, D] through the primitives above."""
-    return _flash_attention_op(q, k, v)[0]
+    return _flash_attention_op(q, k, v, cudnn_backward)[0]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -132,8 +132,8 @@ def _sdpa(q, k, v):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("B,Sq,Sk,H,D", [(2, 1000, 1000, 4, 128), (1, 1531, 1531, 2, 64),
                                          (1, 2200, 512, 4, 128), (1, 300, 4099, 2, 128)])
-@pytest.mark.parametrize("forward", ["gluon", "triton"])
-def test_gpu_bf16_within_sdpa_error(B, Sq, Sk, H, D, forward, monkeypatch):
+@pytest.mark.parametrize("forward,backward", [("gluon", "triton"), ("triton", "triton"), ("gluon", "cudnn")])
+def test_gpu_bf16_within_sdpa_error(B, Sq, Sk, H, D, forward, backward, monkeypatch):
     assert attention.triton_available()
     if forward == "gluon" and not attention.gluon_available():
         pytest.skip("the Gluon forward needs an sm_90 GPU")
@@ -153,7 +153,8 @@ def test_gpu_bf16_within_sdpa_error(B, Sq, Sk, H, D, forward, monkeypatch):
         out.backward(do)
         return (out.detach(), *(t.grad for t in leaves))
 
-    ours, theirs = run(attention.flash_attention), run(_sdpa)
+    ours = run(lambda *qkv: attention.flash_attention(*qkv, cudnn_backward=backward == "cudnn"))
+    theirs = run(_sdpa)
     for name, a, b, r in zip(("out", "dq", "dk", "dv"), ours, theirs, ref):
         assert torch.isfinite(a).all(), name
         err_ours = ((a.double() - r).norm() / r.norm()).item()

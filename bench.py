@@ -2,7 +2,8 @@
 
     python bench.py                                   # everything on one GPU (~10 min on an H100)
     torchrun --nproc_per_node=8 bench.py --setups 720p-7v   # data parallel over the GPUs torchrun gives
-    python bench.py --runs 480p-5v:triton:1:3 480p-5v:sdpa:1:3   # SETUP:BACKEND[:WARMUP:ITERS]
+    python bench.py --runs 480p-5v:triton:1:3 480p-5v:sdpa:1:3   # SETUP:BACKEND[:WARMUP:ITERS][:compile]
+    python bench.py --runs 720p-5v:sdpa:1:1:compile --plan 720p-5v=save_attention:ema:14   # AC:OFFLOAD[:BLOCKS]
     python bench.py --tiny                            # CPU smoke test: tiny model, same code paths (tests)
 
 Training iterations go through train.py itself (build_model, EMA, build_optimizer, train_step) with
@@ -70,7 +71,9 @@ SETUPS = {  # train.py preset + the views and pixels of one sample (29 frames ea
 # 45.9 GiB in a first iteration, i.e. ~60.5 GiB once AdamW's states exist; 720p-7v full with weights,
 # gradients, AdamW and EMA on the CPU 53.9 GiB (on the GPU they would add 36.4 GiB: too much).
 # Untested but predicted to fit: 720p-5v full/none (~68 GiB) and save_attention/all (~58 GiB).
-MEMORY_PLANS = {  # setup: [(activation_checkpointing, offload), ...]
+# A third field N keeps the attention outputs of the first N blocks only (train.py saved_attention_blocks):
+# e.g. 720p-5v save_attention/ema/14 is predicted at ~60.5 + 14 x 0.97 = ~74 GiB (140,800 tokens x 7.4 KB).
+MEMORY_PLANS = {  # setup: [(activation_checkpointing, offload[, saved_attention_blocks]), ...]
     "480p-5v": [("save_attention", "none"), ("full", "none"), ("full", "ema")],
     "720p-5v": [("full", "ema"), ("full", "all")],
     "720p-7v": [("full", "all")],
@@ -98,15 +101,15 @@ def attention_context(backend):
         return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
 
 
-def training_config(setup, ac, offload, backend, overrides=()):
+def training_config(setup, ac, offload, backend, overrides=(), saved_blocks=-1, compile=False):
     """train.py's config for one setup and memory plan (random weights: init='', random VAE)."""
     s = SETUPS[setup]
     config = train.resolve_config(s["preset"], ["init=''", "save_every=0", "sample_every=0", *overrides])
     cams = [f"camera_{i}" for i in range(s["n_views"])]  # view ids 0..V-1 of the 7-view embedding
     config.update(height=s["height"], width=s["width"], num_frames=s.get("num_frames", config["num_frames"]),
                   camera_keys=cams, camera_to_view_id={c: i for i, c in enumerate(cams)}, front_camera_key=cams[0],
-                  activation_checkpointing=ac, offload=offload,
-                  attention_backend="sdpa" if backend.startswith("sdpa") else backend)
+                  activation_checkpointing=ac, offload=offload, saved_attention_blocks=saved_blocks,
+                  compile=compile, attention_backend="sdpa" if backend.startswith("sdpa") else backend)
     train.check_config(config)
     return config
 
@@ -121,9 +124,13 @@ def triton_attention_saveable():
         return False
 
 
-def attention_recomputed(ac, backend):
-    """Does backward re-run the attention forward under this checkpointing mode and backend?"""
-    return ac == "full" or (ac == "save_attention" and backend == "triton" and not triton_attention_saveable())
+def attention_recomputed(ac, backend, saved_blocks=-1, num_blocks=28):
+    """Share of the blocks whose attention forward re-runs in backward (0.0 .. 1.0) under this plan."""
+    if ac == "full" or (ac == "save_attention" and backend == "triton" and not triton_attention_saveable()):
+        return 1.0
+    if ac == "save_attention" and saved_blocks >= 0:
+        return 1.0 - min(saved_blocks, num_blocks) / num_blocks
+    return 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,10 +174,12 @@ def forward_flops(cfg, n_views, num_frames, height, width, text_tokens=512):
     return f
 
 
-def iteration_flops(cfg, n_views, num_frames, height, width, recompute="none", lora=False):
+def iteration_flops(cfg, n_views, num_frames, height, width, checkpointing=False, recomputed_attention=0.0,
+                    lora=False):
     """Model and hardware FLOPs of one training iteration of one sample (VAE not included).
 
-    recompute: 'none', 'non_attention' (attention outputs kept) or 'all' (the block forward re-runs).
+    checkpointing: backward re-runs the block forward except attention, whose forward re-runs in the
+    recomputed_attention share of the blocks (attention_recomputed()).
     lora: the frozen base weights get no weight gradients (backward of those linears = 1x forward).
     """
     f = forward_flops(cfg, n_views, num_frames, height, width)
@@ -178,7 +187,7 @@ def iteration_flops(cfg, n_views, num_frames, height, width, recompute="none", l
     other = f["total"] - attn
     model = 3 * f["total"]
     backward = 2.5 * attn + (1 if lora else 2) * other
-    extra = {"none": 0.0, "non_attention": other, "all": f["total"]}[recompute]
+    extra = other + recomputed_attention * attn if checkpointing else 0.0
     return dict(forward=f, model=model, hardware=f["total"] + backward + extra,
                 attention_share=attn / f["total"])
 
@@ -299,12 +308,28 @@ def synthetic_batch(config, n_views, seed, device):
                 view_ids=torch.arange(n_views).expand(B, n_views), fps=torch.full((B,), 10.0, dtype=torch.float64))
 
 
-def bench_training(setup, backend, plan, iters, warmup, device, rank, world, overrides=()):
-    """Time real train.train_step iterations of one setup; returns the result dict (or raises OOM)."""
-    ac, offload = plan
+def compile_stats():
+    """Graphs compiled and graph breaks so far in this process (torch._dynamo's counters)."""
+    from torch._dynamo.utils import counters
+
+    return dict(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
+
+
+def plan_name(ac, offload, saved_blocks):
+    return f"{ac}{f' ({saved_blocks} blocks)' if ac == 'save_attention' and saved_blocks >= 0 else ''} / {offload}"
+
+
+def bench_training(setup, backend, plan, iters, warmup, device, rank, world, overrides=(), compile=False):
+    """Time real train.train_step iterations of one setup; returns the result dict (or raises OOM).
+
+    plan: (activation_checkpointing, offload[, saved_attention_blocks]). compile: torch.compile the blocks
+    (train.py compile=True); the first iteration then includes the compilation (give it a warm-up).
+    """
+    ac, offload, saved_blocks = (*plan, -1)[:3]
     s = SETUPS[setup]
-    config = training_config(setup, ac, offload, backend, overrides)
+    config = training_config(setup, ac, offload, backend, overrides, saved_blocks, compile)
     free_memory(device)
+    compiled_before = compile_stats()
     t_build = time.perf_counter()
     mesh = init_device_mesh(device.type, (world,))
     net, trainable = train.build_model(config, device, mesh, resuming=False)
@@ -339,7 +364,8 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, ove
                 phases["total"] = time.perf_counter() - t0
                 rows.append(dict(phases, loss=loss, grad_norm=grad_norm))
                 if rank == 0:
-                    print(f"  {setup} {backend} {ac}/{offload} iter {it}{' (warm-up)' if it < warmup else ''}: "
+                    print(f"  {setup} {backend}{' compiled' if compile else ''} {plan_name(ac, offload, saved_blocks)} "
+                          f"iter {it}{' (warm-up)' if it < warmup else ''}: "
                           + " ".join(f"{k} {v:.2f}s" for k, v in phases.items()) + f" loss {loss:.3f}", flush=True)
         ema.wait()
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else train.peak_memory_gb(device)
@@ -351,12 +377,19 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, ove
     timed = rows[warmup:] or rows
     med = {k: statistics.median(r[k] for r in timed) for k in ("data", "vae", "forward_backward", "optimizer", "total")}
     cfg = dit_config(config["model"])
-    recompute = "all" if attention_recomputed(ac, backend) else ("non_attention" if ac != "none" else "none")
-    fl = iteration_flops(cfg, s["n_views"], config["num_frames"], config["height"], config["width"], recompute,
-                         lora=config["lora_rank"] > 0)
+    recomputed = attention_recomputed(ac, backend, saved_blocks, cfg["num_blocks"])
+    fl = iteration_flops(cfg, s["n_views"], config["num_frames"], config["height"], config["width"],
+                         checkpointing=ac != "none", recomputed_attention=recomputed, lora=config["lora_rank"] > 0)
     B = config["batch_size"]
+    compiled = None
+    if compile:  # did it compile, and in one graph per block kind (a graph break would split the blocks)?
+        after = compile_stats()
+        compiled = {k: after[k] - compiled_before[k] for k in after}
+        if compiled["graph_breaks"] and rank == 0:
+            print(f"  warning: {compiled['graph_breaks']} graph break(s) in the compiled blocks", flush=True)
     return dict(setup=setup, backend=backend, activation_checkpointing=ac, offload=offload,
-                attention_recomputed=attention_recomputed(ac, backend), world=world, batch_per_rank=B,
+                saved_attention_blocks=saved_blocks, num_blocks=cfg["num_blocks"], compile=compile, compiled=compiled,
+                attention_recomputed=recomputed, world=world, batch_per_rank=B,
                 tokens=tokens(cfg, s["n_views"], config["num_frames"], config["height"], config["width"])[0],
                 warmup=warmup, iters=len(timed), build_s=build_s, median=med, iterations=rows,
                 model_flops=fl["model"] * B, hardware_flops=fl["hardware"] * B, forward_flops=fl["forward"],
@@ -364,12 +397,13 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, ove
                 gpu_s_per_sample=med["total"] * world / (world * B))
 
 
-def train_with_fallback(setup, backend, iters, warmup, device, rank, world, plans=None, overrides=()):
+def train_with_fallback(setup, backend, iters, warmup, device, rank, world, plans=None, overrides=(),
+                        compile=False):
     """bench_training with the first memory plan that fits; out-of-memory attempts are recorded."""
     failed = []
     for plan in plans or MEMORY_PLANS[setup]:
         try:
-            r = bench_training(setup, backend, plan, iters, warmup, device, rank, world, overrides)
+            r = bench_training(setup, backend, plan, iters, warmup, device, rank, world, overrides, compile)
             r["oom_plans"] = failed
             return r
         except torch.OutOfMemoryError as e:
@@ -483,7 +517,7 @@ def ring_model(result, kernels, vae, impl, P=8):
     attn_recomputed = attn_saved + L * P * fwd_step
     # our 1-GPU attention time at the run's own kernel rates; the rest of forward-backward divides by P
     f = result["forward_flops"]
-    attn_1gpu = f["self_attn"] * ((2 if result["attention_recomputed"] else 1) / big_fwd + 2.5 / big_bwd)
+    attn_1gpu = f["self_attn"] * ((1 + float(result["attention_recomputed"])) / big_fwd + 2.5 / big_bwd)
     rest = max(result["median"]["forward_backward"] - attn_1gpu, 0.0) / P
     vae_one_view = vae["encode"]["seconds"] if vae else result["median"]["vae"] / 5
     opt = result["median"]["optimizer"] / P
@@ -532,12 +566,24 @@ def markdown(res):
             seed_gpu_s = seed * SEED_GPUS if seed else None
             cmp_ = f"{r['gpu_s_per_sample']:.1f} vs {seed_gpu_s:.0f}" if seed_gpu_s else f"{r['gpu_s_per_sample']:.1f}"
             ratio = f"{seed_gpu_s / r['gpu_s_per_sample']:.2f}x" if seed_gpu_s else ""
-            out.append(f"| {r['setup']} | {r['backend']} | {r['activation_checkpointing']} / {r['offload']}"
-                       f"{' (attn recomputed)' if r['attention_recomputed'] else ''} | {m['total']:.2f} "
+            share, L = float(r["attention_recomputed"]), r.get("num_blocks", 28)
+            again = ("" if not share else " (attn recomputed)" if share == 1 else
+                     f" (attn recomputed in {round(share * L)} of {L} blocks)")
+            out.append(f"| {r['setup']} | {r['backend']}{', compiled' if r.get('compile') else ''} | "
+                       f"{plan_name(r['activation_checkpointing'], r['offload'], r.get('saved_attention_blocks', -1))}"
+                       f"{again} | {m['total']:.2f} "
                        f"({r['iters']} it) | {m['data']:.2f} | {m['vae']:.2f} | {m['forward_backward']:.2f} | "
                        f"{m['optimizer']:.2f} | {r['model_flops'] / 1e15:.2f} | {tf:.0f} ({hw:.0f}) | {mfu} | "
                        f"{r['peak_mem_gib']:.1f} | {cmp_} | {ratio} |")
         out.append("")
+        for r in res["training"]:  # what compiling cost (its first iteration) and whether it split the blocks
+            if r.get("compile") and "median" in r:
+                c = r.get("compiled") or {}
+                out.append(f"- {r['setup']} {r['backend']} compiled: first iteration "
+                           f"{r['iterations'][0]['total']:.2f} s (compilation included) vs {r['median']['total']:.2f} s median of the timed; "
+                           f"{c.get('graphs')} graph(s) compiled, {c.get('graph_breaks')} graph break(s).")
+        if out[-1]:
+            out.append("")
     if res.get("kernels"):
         impls = [k for k in res["kernels"][0] if isinstance(res["kernels"][0][k], dict)]
         out += ["Attention kernels, B=1, bf16, [B, S, H, D], non-causal; TFLOP/s forward / backward "
@@ -605,14 +651,17 @@ def main(argv=None):
     p.add_argument("--backends", nargs="*", help=f"attention backends for training {BACKENDS} "
                                                  "(default: triton and sdpa on CUDA -- the last one also runs 720p-7v and LoRA; "
                                                  "sdpa and reference on CPU)")
-    p.add_argument("--plan", action="append", default=[], metavar="SETUP=AC:OFFLOAD",
-                   help="force a memory plan, e.g. 720p-5v=full:all (repeatable)")
+    p.add_argument("--plan", action="append", default=[], metavar="SETUP=AC:OFFLOAD[:BLOCKS]",
+                   help="force a memory plan, e.g. 720p-5v=full:all; BLOCKS: save_attention in the first BLOCKS "
+                        "blocks only (720p-5v=save_attention:ema:14); repeat for fallbacks, tried in order")
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks in every run (train.py compile)")
     p.add_argument("--iters", type=int, default=2, help="timed iterations per setup")
     p.add_argument("--warmup", type=int, default=1, help="warm-up iterations per setup (autotuning, allocator)")
     p.add_argument("--set", action="append", default=[], metavar="key=value", help="train.py config override")
     p.add_argument("--skip", nargs="*", default=[], choices=["gemm", "kernels", "training", "vae", "sampling"])
-    p.add_argument("--runs", nargs="*", metavar="SETUP:BACKEND[:WARMUP:ITERS]",
-                   help="explicit training runs instead of --setups x --backends, e.g. 720p-7v:sdpa-cudnn:0:1")
+    p.add_argument("--runs", nargs="*", metavar="SETUP:BACKEND[:WARMUP:ITERS][:compile]",
+                   help="explicit training runs instead of --setups x --backends, e.g. 720p-7v:sdpa-cudnn:0:1 "
+                        "480p-5v:sdpa:1:2:compile")
     p.add_argument("--sample_backend", default="auto", help="attention for the sampling step (sample.py: auto)")
     p.add_argument("--sample_warmup", type=int, default=1)
     p.add_argument("--sample_evals", type=int, default=1)
@@ -636,8 +685,12 @@ def main(argv=None):
     plans = {}
     for item in args.plan:
         name, _, spec = item.partition("=")
-        ac, _, off = spec.partition(":")
-        plans[name] = [(ac, off or "none")]
+        ac, off, *blocks = spec.split(":") + ([] if ":" in spec else ["none"])
+        if (name not in SETUPS or ac not in ("none", "full", "save_attention") or off not in ("none", "ema", "all")
+                or len(blocks) > 1 or (blocks and not blocks[0].lstrip("-").isdigit())):
+            p.error(f"--plan {item}: expected SETUP=AC:OFFLOAD[:BLOCKS] with SETUP in {list(SETUPS)}, AC none|full|"
+                    f"save_attention, OFFLOAD none|ema|all, BLOCKS an integer (-1 = all)")
+        plans.setdefault(name, []).append((ac, off, int(blocks[0]) if blocks else -1))
     try:
         import triton
         triton_version = triton.__version__
@@ -692,26 +745,34 @@ def main(argv=None):
 
         runs = []
         for item in args.runs or []:
-            setup, backend, *counts = item.split(":")
+            setup, backend, *rest = item.split(":")
+            compiled = args.compile or rest[-1:] == ["compile"]
+            counts = rest[:-1] if rest[-1:] == ["compile"] else rest
+            if len(counts) not in (0, 2) or not all(c.isdigit() for c in counts):
+                p.error(f"run {item}: expected SETUP:BACKEND[:WARMUP:ITERS][:compile]")
             warmup, iters = (int(counts[0]), int(counts[1])) if counts else (args.warmup, args.iters)
-            runs.append((setup, backend, warmup, iters))
+            runs.append((setup, backend, warmup, iters, compiled))
         if args.runs is None:  # the longest setup and LoRA run once, with the last (preferred) backend
-            runs = [(s, b, args.warmup, args.iters) for s in setups for b in backends
+            runs = [(s, b, args.warmup, args.iters, args.compile) for s in setups for b in backends
                     if tiny or not (s == "720p-7v" or s.startswith("lora")) or b == backends[-1]]
-        for setup, backend, _, _ in runs:
+        for setup, backend, *_ in runs:
             if setup not in SETUPS or backend not in BACKENDS:
                 p.error(f"unknown run {setup}:{backend}; setups {list(SETUPS)}, backends {BACKENDS}")
+        if any(r[-1] for r in runs):
+            # Every compiled run adds entries (per shape and checkpointing kind) to the cache of the one code
+            # object all blocks share; past the limit dynamo would quietly run the blocks eagerly.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
         def training():
             results = res.setdefault("training_partial", [])
-            for setup, backend, warmup, iters in runs:
+            for setup, backend, warmup, iters, compiled in runs:
                 try:
                     r = train_with_fallback(setup, backend, iters, warmup, device, rank, world, plans.get(setup),
-                                            args.set)
+                                            args.set, compiled)
                 except Exception as e:  # record and go on with the next run
                     if tiny:
                         raise
-                    r = dict(setup=setup, backend=backend, error=f"{type(e).__name__}: {e}"[:400])
+                    r = dict(setup=setup, backend=backend, compile=compiled, error=f"{type(e).__name__}: {e}"[:400])
                     print(f"  {setup} {backend} failed: {r['error']}", flush=True)
                     free_memory(device)
                 results.append(r)

@@ -8,7 +8,8 @@ One file, read top to bottom:
   1. config       flat dict of defaults + named presets, `key=value` overrides (type-checked)
   2. data         the official multiview loader semantics: every window at stride 1, all cameras, front caption
   3. objective    sigma draws, frame conditioning, text dropout, velocity MSE; LR schedule; power EMA
-  4. model        process groups (data x context parallel), FSDP2, mixed precision, activation checkpointing, VAE
+  4. model        process groups (data x context parallel), FSDP2, mixed precision, activation checkpointing,
+                 torch.compile of the blocks, VAE
   5. checkpoints  the official folder layout, atomic writes, exact resume
   6. training     the loop: step, clip, update, EMA, logs, periodic samples
   7. demo + CLI   prepare the synthetic set and a tiny T5 on the spot, then train
@@ -48,8 +49,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.utils.checkpoint import (CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts,
-                                    noop_context_fn)
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import attention
 from embed import NUM_TOKENS, find_embedding, load_embedding
@@ -81,10 +81,15 @@ DEFAULTS = dict(
     # none | full | save_attention (recompute all but attention). The official 480p and LoRA runs use
     # none, but they split each sample over 8 GPUs (cp=8); with cp=1 a rank holds a whole sample.
     activation_checkpointing="save_attention",
-    # attention.py backend. sdpa: its kernels are torch ops, so save_attention really keeps their outputs
-    # (the Triton kernel is an autograd.Function that checkpointing must recompute): on one H100, 2B at
-    # 480p, 10.9 s/it with sdpa vs 14.9 s/it with triton, both save_attention.
+    # save_attention only: the first N blocks keep their attention outputs, the others recompute everything
+    # (as full); -1 = all blocks. Each kept block costs ~7.4 KB per token (~1 GiB at 720p-5v, BENCH.md).
+    saved_attention_blocks=-1,
+    # attention.py backend. Both sdpa and triton (a registered custom op) are kept by save_attention; on one
+    # H100, 2B at 480p: 11.0 s/it with sdpa (cuDNN) vs 13.05 s/it with triton (BENCH.md).
     attention_backend="sdpa",
+    # torch.compile every DiT block (inside its checkpoint): fuses the fp32 elementwise chains (RMSNorm,
+    # RoPE, LayerNorm + modulation, gates, residuals). The first iteration pays the compilation.
+    compile=False,
     offload="none",  # none | ema: EMA in CPU memory, updated in a background thread | all: also the fp32
     # master weights, gradients and AdamW (FSDP2 CPU offload) -- what lets one 80 GB GPU train 720p
     lora_rank=0,  # > 0: train LoRA adapters only (lora.py)
@@ -233,6 +238,20 @@ def check_config(c):
             raise ValueError(f"{key}={c[key]} must be >= 1")
     if (c["lora_rank"] > 0) != (c["lora_alpha"] > 0):
         raise ValueError("set both lora_rank and lora_alpha (> 0) for LoRA, or neither")
+    blocks = dit_config(c["model"])["num_blocks"]
+    if not -1 <= c["saved_attention_blocks"] <= blocks:
+        raise ValueError(f"saved_attention_blocks={c['saved_attention_blocks']}: -1 (all) or 0..{blocks} "
+                         f"(model {c['model']!r} has {blocks} blocks)")
+    if c["compile"] and (c["cp"] > 1 or c["attention_backend"] not in ("sdpa", "reference")):
+        # torch.compile traces the backward of a custom op's autograd formula: the Triton kernels' launches
+        # and the ring's P2P exchanges would run on fake tensors while compiling (attention.py would have
+        # to register its backward passes as ops of their own). SDPA's kernels are aten ops.
+        raise ValueError(f"compile=True needs attention_backend=sdpa (or reference) and cp=1, got "
+                         f"attention_backend={c['attention_backend']!r}, cp={c['cp']}: torch.compile would trace "
+                         f"into the Triton / ring attention backward, which cannot run on fake tensors")
+    if c["saved_attention_blocks"] != -1 and c["activation_checkpointing"] != "save_attention":
+        raise ValueError(f"saved_attention_blocks={c['saved_attention_blocks']} needs "
+                         f"activation_checkpointing=save_attention (it is {c['activation_checkpointing']!r})")
 
 
 def run_dir(config):
@@ -679,22 +698,47 @@ def _save_attention(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _save_attention_context():
+    """context_fn of save_attention (a plain function: torch.compile traces it, unlike a partial or a noop)."""
+    return create_selective_checkpoint_contexts(_save_attention)
+
+
 def _checkpointed_forward(forward, context_fn, *args):
     """A block's forward under non-reentrant activation checkpointing (plain forward without grad)."""
     if not torch.is_grad_enabled():
         return forward(*args)
+    if context_fn is None:  # full: no context_fn at all (torch.compile rejects an explicit noop_context_fn)
+        return checkpoint(forward, *args, use_reentrant=False)
     return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn)
 
 
-def apply_activation_checkpointing(net, mode):
-    """Checkpoint every block: 'full' recomputes it all in backward, 'save_attention' all but attention."""
+def apply_activation_checkpointing(net, mode, saved_attention_blocks=-1):
+    """Checkpoint every block: 'full' recomputes it all in backward, 'save_attention' all but attention.
+
+    saved_attention_blocks=N (save_attention): only blocks 0..N-1 keep their attention outputs, the rest
+    are checkpointed as 'full'; -1 = every block. Which blocks does not change the peak (every saved
+    output is alive when backward starts), so the first N.
+    """
     if mode == "none":
         return
-    context_fn = (functools.partial(create_selective_checkpoint_contexts, _save_attention)
-                  if mode == "save_attention" else noop_context_fn)
-    for block in net.blocks:
+    for i, block in enumerate(net.blocks):
+        keep = mode == "save_attention" and (saved_attention_blocks < 0 or i < saved_attention_blocks)
         # An instance attribute: the block keeps its class, its parameter names and FSDP's hooks around it.
-        block.forward = functools.partial(_checkpointed_forward, block.forward, context_fn)
+        block.forward = functools.partial(_checkpointed_forward, block.forward,
+                                          _save_attention_context if keep else None)
+
+
+def compile_blocks(net):
+    """torch.compile each block's forward, checkpoint included (after apply_activation_checkpointing).
+
+    The compiled region is the block's forward only: FSDP2's hooks, which gather and free the weights
+    around it, stay eager. Selective checkpointing is honoured inside (the compiled graph keeps the
+    attention outputs, tested). All blocks share one compiled graph per checkpointing kind, since the
+    weights are graph inputs. dynamic=False: the shapes are fixed for a run, and a new resolution
+    recompiles rather than switching every block to symbolic shapes.
+    """
+    for block in net.blocks:
+        block.forward = torch.compile(block.forward, dynamic=False)
 
 
 def shard_model(net, mesh, precision, offload=False):
@@ -733,7 +777,9 @@ def build_model(config, device, mesh, resuming):
     # same set everywhere) and AdamW would skip the decay of those weights. Training always computes them.
     net.skip_empty_text = False
     trainable = setup_trainable(net, config)
-    apply_activation_checkpointing(net, config["activation_checkpointing"])
+    apply_activation_checkpointing(net, config["activation_checkpointing"], config["saved_attention_blocks"])
+    if config["compile"]:
+        compile_blocks(net)
     shard_model(net, mesh, config["precision"], offload=config["offload"] == "all")
     if resuming:
         # fully_shard already moved real shards to the mesh's device (or, offloaded, to the CPU)

@@ -139,3 +139,45 @@ def test_attention_recomputed_flag_matches_what_checkpointing_does():
         assert (counts[mode] == 2 * counts["none"]) == bench.attention_recomputed(mode, "triton"), mode
     assert bench.attention_recomputed("full", "sdpa-cudnn")
     assert not bench.attention_recomputed("save_attention", "sdpa-cudnn")
+
+
+def test_tiny_compiled_run_with_a_partial_plan(tmp_path):
+    """--runs ...:compile and --plan SETUP=AC:OFFLOAD:BLOCKS reach train.py; compiled trains like eager."""
+    torch.set_num_threads(2)
+    res = bench.main(["--tiny", "--skip", "gemm", "kernels", "vae", "sampling", "--out", str(tmp_path / "b.json"),
+                      "--runs", "tiny:sdpa:1:1", "tiny:sdpa:1:1:compile", "--plan", "tiny=save_attention:none:2"])
+    eager, compiled = res["training"]
+    assert (eager["compile"], compiled["compile"]) == (False, True)
+    for r in (eager, compiled):
+        plan = (r["activation_checkpointing"], r["offload"], r["saved_attention_blocks"])
+        assert plan == ("save_attention", "none", 2)
+        assert r["attention_recomputed"] == 0.5 and r["num_blocks"] == 4  # 2 of the demo DiT's 4 blocks
+    assert compiled["compiled"]["graph_breaks"] == 0
+    assert [it["loss"] for it in compiled["iterations"]] == pytest.approx([it["loss"] for it in eager["iterations"]],
+                                                                          rel=1e-5)
+    md = bench.markdown(res)
+    assert "| tiny | sdpa, compiled | save_attention (2 blocks) / none (attn recomputed in 2 of 4 blocks) |" in md
+    assert "tiny sdpa compiled: first iteration" in md
+
+
+def test_plan_and_run_arguments_are_checked():
+    for argv in (["--plan", "tiny=save_attention:none:x"], ["--plan", "tiny=sometimes:none"],
+                 ["--plan", "huge=full:none"], ["--runs", "tiny:sdpa:1"], ["--runs", "tiny:sdpa:1:2:fast"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--tiny", "--skip", "gemm", "kernels", "vae", "training", "sampling", *argv])
+
+
+def test_partial_attention_saving_in_the_flop_model():
+    """Hardware FLOPs interpolate between keeping every attention output and recomputing every one."""
+    cfg = dit_config("2b")
+    kept, again = (bench.iteration_flops(cfg, 5, 29, 704, 1280, checkpointing=True, recomputed_attention=s)
+                   for s in (0.0, 1.0))
+    half = bench.iteration_flops(cfg, 5, 29, 704, 1280, checkpointing=True,
+                                 recomputed_attention=bench.attention_recomputed("save_attention", "sdpa", 14, 28))
+    assert half["hardware"] == pytest.approx((kept["hardware"] + again["hardware"]) / 2)
+    f = kept["forward"]
+    assert again["hardware"] - kept["hardware"] == pytest.approx(f["self_attn"] + f["cross_attn"])
+    assert half["model"] == kept["model"] == 3 * f["total"]
+    assert bench.attention_recomputed("save_attention", "sdpa", -1, 28) == 0.0
+    assert bench.attention_recomputed("save_attention", "sdpa", 28, 28) == 0.0
+    assert bench.attention_recomputed("full", "sdpa", 14, 28) == 1.0

@@ -691,10 +691,24 @@ def _flash_attention_setup(ctx, inputs, output):
     ctx.cudnn_backward = inputs[3]
 
 
+# The backward is an op of its own too: torch.compile traces autograd formulas, and kernel launches
+# cannot run on its fake tensors, while an op is opaque to it (train.py's compile=True).
+@torch.library.custom_op("cosmos_mv::flash_attention_backward", mutates_args=())
+def _flash_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 out: torch.Tensor, lse: torch.Tensor,
+                                 cudnn_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backward = _cudnn_backward if cudnn_backward else attention_backward
+    return tuple(g.contiguous() for g in backward(dout.contiguous(), q, k, v, out, lse))
+
+
+@_flash_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, cudnn_backward):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def _flash_attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    backward = _cudnn_backward if ctx.cudnn_backward else attention_backward
-    return *backward(dout.contiguous(), q, k, v, out, lse), None
+    return *_flash_attention_backward_op(dout, q, k, v, out, lse, ctx.cudnn_backward), None
 
 
 _flash_attention_op.register_autograd(_flash_attention_backward, setup_context=_flash_attention_setup)

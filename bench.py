@@ -675,13 +675,6 @@ def main(argv=None):
         print(markdown(res))
         return res
 
-    rank, world, device, created = train.setup_distributed()
-    tiny = args.tiny or device.type != "cuda"
-    if tiny and not args.tiny:
-        print("no GPU: running the --tiny CPU smoke test")
-    setups = args.setups if args.setups is not None else (["tiny"] if tiny else [s for s in SETUPS if s != "tiny"])
-    backends = args.backends or (["sdpa", "reference"] if tiny else
-                                 (["triton", "sdpa"] if attention.triton_available() else ["sdpa"]))
     plans = {}
     for item in args.plan:
         name, _, spec = item.partition("=")
@@ -691,6 +684,13 @@ def main(argv=None):
             p.error(f"--plan {item}: expected SETUP=AC:OFFLOAD[:BLOCKS] with SETUP in {list(SETUPS)}, AC none|full|"
                     f"save_attention, OFFLOAD none|ema|all, BLOCKS an integer (-1 = all)")
         plans.setdefault(name, []).append((ac, off, int(blocks[0]) if blocks else -1))
+    rank, world, device, created = train.setup_distributed()
+    tiny = args.tiny or device.type != "cuda"
+    if tiny and not args.tiny:
+        print("no GPU: running the --tiny CPU smoke test")
+    setups = args.setups if args.setups is not None else (["tiny"] if tiny else [s for s in SETUPS if s != "tiny"])
+    backends = args.backends or (["sdpa", "reference"] if tiny else
+                                 (["triton", "sdpa"] if attention.triton_available() else ["sdpa"]))
     try:
         import triton
         triton_version = triton.__version__

@@ -165,6 +165,7 @@ def test_plan_and_run_arguments_are_checked():
                  ["--plan", "huge=full:none"], ["--runs", "tiny:sdpa:1"], ["--runs", "tiny:sdpa:1:2:fast"]):
         with pytest.raises(SystemExit):
             bench.main(["--tiny", "--skip", "gemm", "kernels", "vae", "training", "sampling", *argv])
+        assert not torch.distributed.is_initialized()  # refused without leaving a process group behind
 
 
 def test_partial_attention_saving_in_the_flop_model():

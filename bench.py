@@ -81,9 +81,9 @@ MEMORY_PLANS = {  # setup: [(activation_checkpointing, offload[, saved_attention
     "tiny": [("save_attention", "none")],
 }
 
-# Attention backends for whole iterations: attention.py's Triton kernels, or PyTorch SDPA with its
-# default kernel choice, or SDPA with cuDNN first (what the kernel table shows to be fastest on H100).
-BACKENDS = ("triton", "sdpa", "sdpa-cudnn", "reference")
+# Attention backends for whole iterations: attention.py's Triton kernels (triton-cudnn: our forward with
+# cuDNN's backward), or PyTorch SDPA with its default kernel choice, or SDPA with cuDNN first.
+BACKENDS = ("triton", "triton-cudnn", "sdpa", "sdpa-cudnn", "reference")
 
 
 def attention_context(backend):
@@ -126,7 +126,7 @@ def triton_attention_saveable():
 
 def attention_recomputed(ac, backend, saved_blocks=-1, num_blocks=28):
     """Share of the blocks whose attention forward re-runs in backward (0.0 .. 1.0) under this plan."""
-    if ac == "full" or (ac == "save_attention" and backend == "triton" and not triton_attention_saveable()):
+    if ac == "full" or (ac == "save_attention" and backend.startswith("triton") and not triton_attention_saveable()):
         return 1.0
     if ac == "save_attention" and saved_blocks >= 0:
         return 1.0 - min(saved_blocks, num_blocks) / num_blocks

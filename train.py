@@ -641,6 +641,8 @@ def setup_distributed():
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+        # A run's shapes never change: let cuDNN time its algorithms once per shape (the VAE's conv3d).
+        torch.backends.cudnn.benchmark = True
     backend = "nccl" if cuda else "gloo"
     if "RANK" in os.environ:  # torchrun (or a test harness) set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
         # A long timeout: the other ranks wait at a barrier while rank 0 writes a ~31 GB checkpoint.

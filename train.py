@@ -81,8 +81,8 @@ DEFAULTS = dict(
     # none | full | save_attention (recompute all but attention). The official 480p and LoRA runs use
     # none, but they split each sample over 8 GPUs (cp=8); with cp=1 a rank holds a whole sample.
     activation_checkpointing="save_attention",
-    # save_attention only: the first N blocks keep their attention outputs, the others recompute everything
-    # (as full); -1 = all blocks. Each kept block costs ~7.4 KB per token (~1 GiB at 720p-5v, BENCH.md).
+    # save_attention only: the first N blocks keep their self-attention outputs, the others recompute
+    # everything (as full); -1 = all blocks. A kept block costs ~4.2 KB per token (~0.55 GiB at 720p-5v).
     saved_attention_blocks=-1,
     # attention.py backend. Both sdpa and triton (a registered custom op) are kept by save_attention; on one
     # H100, 2B at 480p: 11.0 s/it with sdpa (cuDNN) vs 13.05 s/it with triton (BENCH.md).
@@ -693,8 +693,15 @@ _ATTENTION_OPS = {torch.ops.aten._scaled_dot_product_flash_attention.default,
 
 
 def _save_attention(ctx, op, *args, **kwargs):
-    """Selective checkpointing policy: keep every attention output (the expensive op), recompute the rest."""
-    if op in _ATTENTION_OPS or "attention" in str(op):  # the aten SDPA kernels or a custom attention op
+    """Selective checkpointing policy: keep self-attention outputs (the expensive op), recompute the rest.
+
+    Cross-attention (queries against the 512 caption tokens) is recomputed: it costs ~0.4 % of the
+    self-attention FLOPs at 720p, but its output is as large as self-attention's (4 KB per token and
+    block), so keeping it would double the memory of this mode. Self-attention is told apart by its
+    q and k having the same size (both layouts: [B, H, S, D] for SDPA, [B, S, H, D] for ours).
+    """
+    is_attention = op in _ATTENTION_OPS or ("attention" in str(op) and "backward" not in str(op))
+    if is_attention and args[0].numel() == args[1].numel():
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

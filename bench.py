@@ -2,16 +2,22 @@
 
     python bench.py                                   # everything on one GPU (~10 min on an H100)
     torchrun --nproc_per_node=8 bench.py --setups 720p-7v   # data parallel over the GPUs torchrun gives
+    torchrun --nproc_per_node=2 bench.py --runs 480p-5v:triton:1:1 --cp 2   # context parallel: 2 GPUs, one sample
     python bench.py --runs 480p-5v:triton:1:3 480p-5v:sdpa:1:3   # SETUP:BACKEND[:WARMUP:ITERS][:compile]
     python bench.py --runs 720p-5v:sdpa:1:1:compile --plan 720p-5v=save_attention:ema:14   # AC:OFFLOAD[:BLOCKS]
     python bench.py --tiny                            # CPU smoke test: tiny model, same code paths (tests)
 
-Training iterations go through train.py itself (build_model, EMA, build_optimizer, train_step) with
-random weights, a random Wan2.1 VAE and random uint8 videos in memory: online VAE encoding, the
-rectified-flow loss, backward, clipping, AdamW and EMA all run as in training. Per setup it reports the
-median over timed iterations after warm-up, the split into data / VAE / forward-backward / optimizer,
-FLOP rates and MFU against a bf16 GEMM peak measured in the same run, peak memory, and the seed's
-8-GPU number beside ours in GPU-seconds per training sample.
+Training iterations go through train.py itself (setup_parallelism, build_model, EMA, build_optimizer,
+train_step) with random weights, a random Wan2.1 VAE and random uint8 videos in memory: online VAE
+encoding, the rectified-flow loss, backward, clipping, AdamW and EMA all run as in training. Per setup
+it reports the median over timed iterations after warm-up, the split into data / VAE / forward-backward /
+optimizer, FLOP rates and MFU against a bf16 GEMM peak measured in the same run, peak memory, and the
+seed's 8-GPU number beside ours in GPU-seconds per training sample.
+
+With --cp N the world is data-parallel x N exactly as train.py cp=N builds it (setup_parallelism): each
+group of N consecutive ranks splits one sample (ring attention over its latent frames, the views' VAE
+encodes spread over the group), so an iteration trains dp x batch_size samples; GPU-seconds per sample
+and MFU count all world GPUs.
 
 Sections, in reading order:
   1. setups       the seed's table, our shapes, the memory plan for one 80 GB GPU
@@ -39,7 +45,6 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
 import attention  # noqa: E402
 import train  # noqa: E402
@@ -101,7 +106,7 @@ def attention_context(backend):
         return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
 
 
-def training_config(setup, ac, offload, backend, overrides=(), saved_blocks=-1, compile=False):
+def training_config(setup, ac, offload, backend, overrides=(), saved_blocks=-1, compile=False, cp=1):
     """train.py's config for one setup and memory plan (random weights: init='', random VAE)."""
     s = SETUPS[setup]
     config = train.resolve_config(s["preset"], ["init=''", "save_every=0", "sample_every=0", *overrides])
@@ -109,7 +114,7 @@ def training_config(setup, ac, offload, backend, overrides=(), saved_blocks=-1, 
     config.update(height=s["height"], width=s["width"], num_frames=s.get("num_frames", config["num_frames"]),
                   camera_keys=cams, camera_to_view_id={c: i for i, c in enumerate(cams)}, front_camera_key=cams[0],
                   activation_checkpointing=ac, offload=offload, saved_attention_blocks=saved_blocks,
-                  compile=compile, attention_backend="sdpa" if backend.startswith("sdpa") else backend)
+                  compile=compile, cp=cp, attention_backend="sdpa" if backend.startswith("sdpa") else backend)
     train.check_config(config)
     return config
 
@@ -319,26 +324,30 @@ def plan_name(ac, offload, saved_blocks):
     return f"{ac}{f' ({saved_blocks} blocks)' if ac == 'save_attention' and saved_blocks >= 0 else ''} / {offload}"
 
 
-def bench_training(setup, backend, plan, iters, warmup, device, rank, world, overrides=(), compile=False):
+def bench_training(setup, backend, plan, iters, warmup, device, rank, world, parallel, overrides=(), compile=False):
     """Time real train.train_step iterations of one setup; returns the result dict (or raises OOM).
 
     plan: (activation_checkpointing, offload[, saved_attention_blocks]). compile: torch.compile the blocks
     (train.py compile=True); the first iteration then includes the compilation (give it a warm-up).
+    parallel: train.setup_parallelism(device, world, cp), i.e. (FSDP mesh, cp group or None, dp rank, dp).
     """
     ac, offload, saved_blocks = (*plan, -1)[:3]
     s = SETUPS[setup]
-    config = training_config(setup, ac, offload, backend, overrides, saved_blocks, compile)
+    mesh, cp_group, dp_rank, dp = parallel
+    cp = world // dp
+    config = training_config(setup, ac, offload, backend, overrides, saved_blocks, compile, cp)
     free_memory(device)
     compiled_before = compile_stats()
     t_build = time.perf_counter()
-    mesh = init_device_mesh(device.type, (world,))
     net, trainable = train.build_model(config, device, mesh, resuming=False)
+    net.enable_context_parallel(cp_group)  # as train.py: ring self-attention over the group's shards
     params = dict(net.named_parameters())
     trainable_params = [params[n] for n in trainable]
     ema = train.EMA([(n, params[n]) for n in trainable], offload=offload != "none")
     optimizer, scheduler = train.build_optimizer(config, trainable_params)
     vae = random_vae(config, device, torch.bfloat16 if config["precision"] == "bf16" else torch.float32)
-    batches = [synthetic_batch(config, s["n_views"], seed=rank * 1000 + i, device=device) for i in range(2)]
+    # Seeded by the dp rank, as train.py's sampler runs over dp: the ranks of a cp group hold the same sample.
+    batches = [synthetic_batch(config, s["n_views"], seed=dp_rank * 1000 + i, device=device) for i in range(2)]
     sync(device)
     build_s = time.perf_counter() - t_build
     if device.type == "cuda":
@@ -360,11 +369,12 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, ove
                 batch = batches[it % len(batches)]  # in memory: the loader's workers decode ahead of the GPU
                 mark("data")
                 loss, grad_norm = train.train_step(net, vae, batch, optimizer, scheduler, ema, it, config,
-                                                   trainable_params, device, rank, mark=mark)
+                                                   trainable_params, device, dp_rank, mark=mark)
                 phases["total"] = time.perf_counter() - t0
                 rows.append(dict(phases, loss=loss, grad_norm=grad_norm))
                 if rank == 0:
-                    print(f"  {setup} {backend}{' compiled' if compile else ''} {plan_name(ac, offload, saved_blocks)} "
+                    print(f"  {setup}{f' cp={cp}' if cp > 1 else ''} {backend}{' compiled' if compile else ''} "
+                          f"{plan_name(ac, offload, saved_blocks)} "
                           f"iter {it}{' (warm-up)' if it < warmup else ''}: "
                           + " ".join(f"{k} {v:.2f}s" for k, v in phases.items()) + f" loss {loss:.3f}", flush=True)
         ema.wait()
@@ -381,6 +391,7 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, ove
     fl = iteration_flops(cfg, s["n_views"], config["num_frames"], config["height"], config["width"],
                          checkpointing=ac != "none", recomputed_attention=recomputed, lora=config["lora_rank"] > 0)
     B = config["batch_size"]
+    samples = dp * B  # per iteration: each cp group trains B samples
     compiled = None
     if compile:  # did it compile, and in one graph per block kind (a graph break would split the blocks)?
         after = compile_stats()
@@ -389,21 +400,22 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, ove
             print(f"  warning: {compiled['graph_breaks']} graph break(s) in the compiled blocks", flush=True)
     return dict(setup=setup, backend=backend, activation_checkpointing=ac, offload=offload,
                 saved_attention_blocks=saved_blocks, num_blocks=cfg["num_blocks"], compile=compile, compiled=compiled,
-                attention_recomputed=recomputed, world=world, batch_per_rank=B,
+                attention_recomputed=recomputed, world=world, cp=cp, dp=dp, batch_per_rank=B, samples_per_iter=samples,
                 tokens=tokens(cfg, s["n_views"], config["num_frames"], config["height"], config["width"])[0],
                 warmup=warmup, iters=len(timed), build_s=build_s, median=med, iterations=rows,
-                model_flops=fl["model"] * B, hardware_flops=fl["hardware"] * B, forward_flops=fl["forward"],
+                # of the whole iteration (all ranks); per-sample FLOPs are the same at any cp (the ring splits them)
+                model_flops=fl["model"] * samples, hardware_flops=fl["hardware"] * samples, forward_flops=fl["forward"],
                 attention_share=fl["attention_share"], peak_mem_gib=peak, peak_reserved_gib=reserved,
-                gpu_s_per_sample=med["total"] * world / (world * B))
+                gpu_s_per_sample=med["total"] * world / samples)
 
 
-def train_with_fallback(setup, backend, iters, warmup, device, rank, world, plans=None, overrides=(),
+def train_with_fallback(setup, backend, iters, warmup, device, rank, world, parallel, plans=None, overrides=(),
                         compile=False):
     """bench_training with the first memory plan that fits; out-of-memory attempts are recorded."""
     failed = []
     for plan in plans or MEMORY_PLANS[setup]:
         try:
-            r = bench_training(setup, backend, plan, iters, warmup, device, rank, world, overrides, compile)
+            r = bench_training(setup, backend, plan, iters, warmup, device, rank, world, parallel, overrides, compile)
             r["oom_plans"] = failed
             return r
         except torch.OutOfMemoryError as e:
@@ -411,7 +423,8 @@ def train_with_fallback(setup, backend, iters, warmup, device, rank, world, plan
             if rank == 0:
                 print(f"  {setup} {backend} {plan}: out of memory, trying the next plan", flush=True)
             free_memory(device)
-    return dict(setup=setup, backend=backend, error="out of memory with every plan", oom_plans=failed)
+    return dict(setup=setup, backend=backend, cp=world // parallel[3], error="out of memory with every plan",
+                oom_plans=failed)
 
 
 def bench_vae(device, tiny, reps):
@@ -542,10 +555,17 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def setup_name(r):
+    """The setup column: the setup, and its cp when a sample is split over ranks (runs before cp: none)."""
+    return f"{r['setup']}, cp={r['cp']}" if r.get("cp", 1) > 1 else r["setup"]
+
+
 def markdown(res):
     """The BENCH.md tables from a results dict."""
+    cp = res.get("cp", 1)
+    split = f" = data-parallel {res['world'] // cp} x cp {cp}" if cp > 1 else ""
     out = [f"Card: {res['device']}; torch {res['torch']}, triton {res.get('triton')}, "
-           f"cuDNN {res.get('cudnn')}; {res['date']}; world size {res['world']}.", ""]
+           f"cuDNN {res.get('cudnn')}; {res['date']}; world size {res['world']}{split}.", ""]
     peak = res.get("gemm", {}).get("tflops")
     if peak:
         out += [f"GEMM peak measured in this run: {peak:.0f} TFLOP/s ({res['gemm']['dtype']} "
@@ -556,11 +576,15 @@ def markdown(res):
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["training"]:
             if "median" not in r:
-                out.append(f"| {r['setup']} | {r['backend']} | {r.get('error')} | | | | | | | | | | | |")
+                out.append(f"| {setup_name(r)} | {r['backend']} | {r.get('error')} | | | | | | | | | | | |")
                 continue
             m = r["median"]
-            tf = r["model_flops"] / m["total"] / 1e12
-            hw = r["hardware_flops"] / m["total"] / 1e12
+            # FLOP columns per GPU: the JSON has the iteration's (all ranks); runs saved before cp was recorded
+            # stored those of one rank
+            gpus = r["world"] if "cp" in r else 1
+            pf = r["model_flops"] / gpus / 1e15
+            tf = r["model_flops"] / gpus / m["total"] / 1e12
+            hw = r["hardware_flops"] / gpus / m["total"] / 1e12
             mfu = f"{100 * tf / peak:.0f}%" if peak else "n/a"
             seed = SEED_S_PER_ITER.get(r["setup"])  # full fine-tune setups only
             seed_gpu_s = seed * SEED_GPUS if seed else None
@@ -569,17 +593,17 @@ def markdown(res):
             share, L = float(r["attention_recomputed"]), r.get("num_blocks", 28)
             again = ("" if not share else " (attn recomputed)" if share == 1 else
                      f" (attn recomputed in {round(share * L)} of {L} blocks)")
-            out.append(f"| {r['setup']} | {r['backend']}{', compiled' if r.get('compile') else ''} | "
+            out.append(f"| {setup_name(r)} | {r['backend']}{', compiled' if r.get('compile') else ''} | "
                        f"{plan_name(r['activation_checkpointing'], r['offload'], r.get('saved_attention_blocks', -1))}"
                        f"{again} | {m['total']:.2f} "
                        f"({r['iters']} it) | {m['data']:.2f} | {m['vae']:.2f} | {m['forward_backward']:.2f} | "
-                       f"{m['optimizer']:.2f} | {r['model_flops'] / 1e15:.2f} | {tf:.0f} ({hw:.0f}) | {mfu} | "
+                       f"{m['optimizer']:.2f} | {pf:.2f} | {tf:.0f} ({hw:.0f}) | {mfu} | "
                        f"{r['peak_mem_gib']:.1f} | {cmp_} | {ratio} |")
         out.append("")
         for r in res["training"]:  # what compiling cost (its first iteration) and whether it split the blocks
             if r.get("compile") and "median" in r:
                 c = r.get("compiled") or {}
-                out.append(f"- {r['setup']} {r['backend']} compiled: first iteration "
+                out.append(f"- {setup_name(r)} {r['backend']} compiled: first iteration "
                            f"{r['iterations'][0]['total']:.2f} s (compilation included) vs {r['median']['total']:.2f} s median of the timed; "
                            f"{c.get('graphs')} graph(s) compiled, {c.get('graph_breaks')} graph break(s).")
         if out[-1]:
@@ -631,8 +655,8 @@ def finish(res):
     if res.get("kernels") and res.get("training"):
         impls = [k for k in res["kernels"][0] if isinstance(res["kernels"][0][k], dict) and "flash" not in k]
         ring = {}
-        for setup in SEED_S_PER_ITER:  # from the fastest full fine-tune run of each setup
-            runs = [r for r in res["training"] if r.get("setup") == setup and "median" in r]
+        for setup in SEED_S_PER_ITER:  # from the fastest full fine-tune run of each setup on whole samples
+            runs = [r for r in res["training"] if r.get("setup") == setup and "median" in r and r.get("cp", 1) == 1]
             if runs:
                 best = min(runs, key=lambda r: r["median"]["total"])
                 for name in impls:
@@ -658,6 +682,8 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=2, help="timed iterations per setup")
     p.add_argument("--warmup", type=int, default=1, help="warm-up iterations per setup (autotuning, allocator)")
     p.add_argument("--set", action="append", default=[], metavar="key=value", help="train.py config override")
+    p.add_argument("--cp", type=int, default=1, help="context parallelism as train.py cp=N: each N consecutive ranks "
+                                                     "split one sample (world = data-parallel x N)")
     p.add_argument("--skip", nargs="*", default=[], choices=["gemm", "kernels", "training", "vae", "sampling"])
     p.add_argument("--runs", nargs="*", metavar="SETUP:BACKEND[:WARMUP:ITERS][:compile]",
                    help="explicit training runs instead of --setups x --backends, e.g. 720p-7v:sdpa-cudnn:0:1 "
@@ -684,13 +710,55 @@ def main(argv=None):
             p.error(f"--plan {item}: expected SETUP=AC:OFFLOAD[:BLOCKS] with SETUP in {list(SETUPS)}, AC none|full|"
                     f"save_attention, OFFLOAD none|ema|all, BLOCKS an integer (-1 = all)")
         plans.setdefault(name, []).append((ac, off, int(blocks[0]) if blocks else -1))
+    runs = []
+    for item in args.runs or []:
+        setup, backend, *rest = item.split(":")
+        compiled = args.compile or rest[-1:] == ["compile"]
+        counts = rest[:-1] if rest[-1:] == ["compile"] else rest
+        if len(counts) not in (0, 2) or not all(c.isdigit() for c in counts):
+            p.error(f"run {item}: expected SETUP:BACKEND[:WARMUP:ITERS][:compile]")
+        warmup, iters = (int(counts[0]), int(counts[1])) if counts else (args.warmup, args.iters)
+        runs.append((setup, backend, warmup, iters, compiled))
+    if any(item.partition("=")[0].strip() == "cp" for item in args.set):
+        # cp is more than a config value here: it sets the process groups, the batches and the accounting
+        p.error("--set cp=N: bench.py takes context parallelism as --cp N")
+    if args.cp < 1:
+        p.error(f"--cp {args.cp}: must be >= 1")
     rank, world, device, created = train.setup_distributed()
+    try:
+        return _main(p, args, plans, runs, rank, world, device)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _main(p, args, plans, runs, rank, world, device):
+    """main() inside the process group: check the runs, build the dp x cp groups, run the sections."""
     tiny = args.tiny or device.type != "cuda"
     if tiny and not args.tiny:
         print("no GPU: running the --tiny CPU smoke test")
     setups = args.setups if args.setups is not None else (["tiny"] if tiny else [s for s in SETUPS if s != "tiny"])
     backends = args.backends or (["sdpa", "reference"] if tiny else
                                  (["triton", "sdpa"] if attention.triton_available() else ["sdpa"]))
+    if args.runs is None:  # the longest setup and LoRA run once, with the last (preferred) backend
+        runs = [(s, b, args.warmup, args.iters, args.compile) for s in setups for b in backends
+                if tiny or not (s == "720p-7v" or s.startswith("lora")) or b == backends[-1]]
+    for setup, backend, _, _, compiled in runs:  # refused now, not after the kernel and VAE sections
+        if setup not in SETUPS or backend not in BACKENDS:
+            p.error(f"unknown run {setup}:{backend}; setups {list(SETUPS)}, backends {BACKENDS}")
+        for plan in plans.get(setup) or MEMORY_PLANS[setup]:
+            try:
+                training_config(setup, *plan[:2], backend, args.set, (*plan, -1)[2], compiled, args.cp)
+            except ValueError as e:
+                p.error(f"run {setup}:{backend}{':compile' if compiled else ''} with --cp {args.cp}: {e}")
+    try:  # the groups train.py builds for cp: cp groups of consecutive ranks, data parallel over the groups
+        parallel = train.setup_parallelism(device, world, args.cp)
+    except ValueError as e:
+        p.error(f"--cp {args.cp}: {e} (start dp x cp processes, e.g. torchrun --nproc_per_node={args.cp})")
+    if any(r[-1] for r in runs):
+        # Every compiled run adds entries (per shape and checkpointing kind) to the cache of the one code
+        # object all blocks share; past the limit dynamo would quietly run the blocks eagerly.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     try:
         import triton
         triton_version = triton.__version__
@@ -699,7 +767,7 @@ def main(argv=None):
     res = dict(date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                torch=torch.__version__, triton=triton_version,
-               cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None, world=world,
+               cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None, world=world, cp=args.cp,
                command=" ".join(sys.argv), tiny=tiny)
     out_dir = os.path.dirname(args.out)
     if rank == 0 and out_dir:
@@ -731,66 +799,43 @@ def main(argv=None):
         free_memory(device)
         save()
 
-    try:
-        section("gemm", lambda: gemm_peak(device, tiny))
-        if tiny:
-            shapes, heads, hd, reps = [("self", 64, 64), ("cross", 96, 24)], 2, 64, 3
-        else:  # the 1-GPU sequence (480p) and the per-GPU lengths at CP=8 of the three setups; cross = one 720p view
-            shapes = [("self, CP=8 480p-5v", 7950, 7950), ("self, CP=8 720p-5v", 17600, 17600),
-                      ("self, CP=8 720p-7v", 24640, 24640), ("self, 1 GPU 480p-5v", 63600, 63600),
-                      ("cross, 720p view", 28160, 512)]
-            heads, hd, reps = 16, 128, 5
-        section("kernels", lambda: kernel_table(device, shapes, heads, hd, reps))
-        section("vae", lambda: bench_vae(device, tiny, reps=2))
+    section("gemm", lambda: gemm_peak(device, tiny))
+    if tiny:
+        shapes, heads, hd, reps = [("self", 64, 64), ("cross", 96, 24)], 2, 64, 3
+    else:  # the 1-GPU sequence (480p) and the per-GPU lengths at CP=8 of the three setups; cross = one 720p view
+        shapes = [("self, CP=8 480p-5v", 7950, 7950), ("self, CP=8 720p-5v", 17600, 17600),
+                  ("self, CP=8 720p-7v", 24640, 24640), ("self, 1 GPU 480p-5v", 63600, 63600),
+                  ("cross, 720p view", 28160, 512)]
+        heads, hd, reps = 16, 128, 5
+    section("kernels", lambda: kernel_table(device, shapes, heads, hd, reps))
+    section("vae", lambda: bench_vae(device, tiny, reps=2))
 
-        runs = []
-        for item in args.runs or []:
-            setup, backend, *rest = item.split(":")
-            compiled = args.compile or rest[-1:] == ["compile"]
-            counts = rest[:-1] if rest[-1:] == ["compile"] else rest
-            if len(counts) not in (0, 2) or not all(c.isdigit() for c in counts):
-                p.error(f"run {item}: expected SETUP:BACKEND[:WARMUP:ITERS][:compile]")
-            warmup, iters = (int(counts[0]), int(counts[1])) if counts else (args.warmup, args.iters)
-            runs.append((setup, backend, warmup, iters, compiled))
-        if args.runs is None:  # the longest setup and LoRA run once, with the last (preferred) backend
-            runs = [(s, b, args.warmup, args.iters, args.compile) for s in setups for b in backends
-                    if tiny or not (s == "720p-7v" or s.startswith("lora")) or b == backends[-1]]
-        for setup, backend, *_ in runs:
-            if setup not in SETUPS or backend not in BACKENDS:
-                p.error(f"unknown run {setup}:{backend}; setups {list(SETUPS)}, backends {BACKENDS}")
-        if any(r[-1] for r in runs):
-            # Every compiled run adds entries (per shape and checkpointing kind) to the cache of the one code
-            # object all blocks share; past the limit dynamo would quietly run the blocks eagerly.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    def training():
+        results = res.setdefault("training_partial", [])
+        for setup, backend, warmup, iters, compiled in runs:
+            try:
+                r = train_with_fallback(setup, backend, iters, warmup, device, rank, world, parallel,
+                                        plans.get(setup), args.set, compiled)
+            except Exception as e:  # record and go on with the next run
+                if tiny:
+                    raise
+                r = dict(setup=setup, backend=backend, cp=args.cp, compile=compiled,
+                         error=f"{type(e).__name__}: {e}"[:400])
+                print(f"  {setup} {backend} failed: {r['error']}", flush=True)
+                free_memory(device)
+            results.append(r)
+            save()
+        return results
 
-        def training():
-            results = res.setdefault("training_partial", [])
-            for setup, backend, warmup, iters, compiled in runs:
-                try:
-                    r = train_with_fallback(setup, backend, iters, warmup, device, rank, world, plans.get(setup),
-                                            args.set, compiled)
-                except Exception as e:  # record and go on with the next run
-                    if tiny:
-                        raise
-                    r = dict(setup=setup, backend=backend, compile=compiled, error=f"{type(e).__name__}: {e}"[:400])
-                    print(f"  {setup} {backend} failed: {r['error']}", flush=True)
-                    free_memory(device)
-                results.append(r)
-                save()
-            return results
-
-        section("training", training)
-        res.pop("training_partial", None)
-        section("sampling", lambda: bench_sampling(device, tiny, args.sample_warmup, args.sample_evals,
-                                                   args.sample_backend))
-        finish(res)
-        save()
-        if rank == 0:
-            print(markdown(res), flush=True)
-        return res
-    finally:
-        if created:
-            dist.destroy_process_group()
+    section("training", training)
+    res.pop("training_partial", None)
+    section("sampling", lambda: bench_sampling(device, tiny, args.sample_warmup, args.sample_evals,
+                                               args.sample_backend))
+    finish(res)
+    save()
+    if rank == 0:
+        print(markdown(res), flush=True)
+    return res
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import attention
 import bench
+import model
 import train
+from _dist import run_gloo
 from model import build_dit, dit_config
 
 
@@ -182,3 +185,79 @@ def test_partial_attention_saving_in_the_flop_model():
     assert bench.attention_recomputed("save_attention", "sdpa", -1, 28) == 0.0
     assert bench.attention_recomputed("save_attention", "sdpa", 28, 28) == 0.0
     assert bench.attention_recomputed("full", "sdpa", 14, 28) == 1.0
+
+
+def _cp_bench_worker(rank, world, out_dir):
+    """bench.py --tiny in a 2-process gloo group: first cp=2 (one sample split over both), then dp=2.
+
+    Also records the query lengths that reach model.py's ring attention (none without context parallelism).
+    """
+    ring = model.ring_attention
+    seen = []
+
+    def probe(q, k, v, **kw):
+        seen.append(q.shape[1])
+        return ring(q, k, v, **kw)
+
+    model.ring_attention = probe
+    lengths = {}
+    try:
+        for cp in (2, 1):
+            seen.clear()
+            bench.main(["--tiny", "--cp", str(cp), "--skip", "gemm", "kernels", "vae", "sampling",
+                        "--runs", "tiny:sdpa:1:1", "--out", f"{out_dir}/cp{cp}.json"])  # rank 0 writes it
+            lengths[cp] = sorted(set(seen))
+    finally:
+        model.ring_attention = ring
+    Path(f"{out_dir}/ring{rank}.json").write_text(json.dumps(lengths))
+
+
+def test_tiny_context_parallel_run_trains_like_one_process(tmp_path):
+    """--cp 2 on 2 ranks runs train.py's ring on one sample: the losses of one process, 2 GPU-s per sample."""
+    torch.set_num_threads(1)
+    one = bench.main(["--tiny", "--skip", "gemm", "kernels", "vae", "sampling", "--runs", "tiny:sdpa:1:1",
+                      "--out", str(tmp_path / "one.json")])["training"][0]
+    run_gloo(_cp_bench_worker, 2, str(tmp_path))
+    cp2, dp2 = (json.loads((tmp_path / f"cp{cp}.json").read_text()) for cp in (2, 1))
+    r = cp2["training"][0]
+    assert (cp2["world"], cp2["cp"], r["world"], r["cp"], r["dp"], r["samples_per_iter"]) == (2, 2, 2, 2, 1, 1)
+    assert r["gpu_s_per_sample"] == pytest.approx(2 * r["median"]["total"])
+    assert r["model_flops"] == pytest.approx(one["model_flops"])  # one sample per iteration, as one process
+    # the same sample, weights and draws: the ring (and the VAE views spread over the group) is exact up to rounding
+    losses = [it["loss"] for it in r["iterations"]]
+    assert losses == pytest.approx([it["loss"] for it in one["iterations"]], rel=1e-5)
+    assert [it["grad_norm"] for it in r["iterations"]] == pytest.approx(
+        [it["grad_norm"] for it in one["iterations"]], rel=1e-4)
+    for rank in range(2):  # each rank's self-attention: its half of the sample's tokens, in the ring
+        assert json.loads((tmp_path / f"ring{rank}.json").read_text()) == {"2": [r["tokens"] // 2], "1": []}
+    md = bench.markdown(cp2)
+    assert "world size 2 = data-parallel 1 x cp 2." in md and "| tiny, cp=2 | sdpa |" in md
+    # cp=1 on the same 2 ranks is data parallel: two samples per iteration, seeded by dp rank
+    d = dp2["training"][0]
+    assert (d["cp"], d["dp"], d["samples_per_iter"]) == (1, 2, 2)
+    assert d["gpu_s_per_sample"] == pytest.approx(d["median"]["total"])
+    assert d["model_flops"] == pytest.approx(2 * one["model_flops"])
+    assert d["iterations"][0]["loss"] != pytest.approx(losses[0], rel=1e-3)  # rank 1's sample joins the mean
+    assert "| tiny | sdpa |" in bench.markdown(dp2)
+
+
+def test_context_parallel_options_are_checked():
+    for argv, message in ((["--set", "cp=2"], "use --cp|as --cp"), (["--cp", "2"], "does not divide the 1 ranks"),
+                          (["--cp", "3"], "choose cp in")):
+        with pytest.raises(SystemExit):
+            bench.main(["--tiny", "--skip", "gemm", "kernels", "vae", "sampling", "--runs", "tiny:sdpa:1:1", *argv])
+        assert not torch.distributed.is_initialized()
+
+
+def test_report_of_runs_saved_before_cp_is_unchanged(tmp_path):
+    """A saved data-parallel run without cp fields renders as the same run recorded with cp=1, dp=world."""
+    old = json.loads((Path(bench.__file__).parent / "bench_results" / "bench_2xh100_dp2.json").read_text())
+    r = old["training"][0]
+    assert "cp" not in r and r["world"] == 2  # its FLOPs were those of one rank
+    new = json.loads(json.dumps(old))
+    n = new["training"][0]
+    n.update(cp=1, dp=2, samples_per_iter=2, model_flops=2 * r["model_flops"], hardware_flops=2 * r["hardware_flops"])
+    row = lambda res: [ln for ln in bench.markdown(res).splitlines() if ln.startswith("| 480p-5v")]  # noqa: E731
+    assert row(old) == row(new) and len(row(old)) == 1
+    mfu = r["model_flops"] / r["median"]["total"] / (old["gemm"]["tflops"] * 1e12)
+    assert f"| {100 * mfu:.0f}% |" in row(old)[0]

@@ -84,9 +84,9 @@ DEFAULTS = dict(
     # save_attention only: the first N blocks keep their self-attention outputs, the others recompute
     # everything (as full); -1 = all blocks. A kept block costs ~4.2 KB per token (~0.55 GiB at 720p-5v).
     saved_attention_blocks=-1,
-    # attention.py backend. Both sdpa and triton (a registered custom op) are kept by save_attention; on one
-    # H100, 2B at 480p: 11.0 s/it with sdpa (cuDNN) vs 13.05 s/it with triton (BENCH.md).
-    attention_backend="sdpa",
+    # attention.py backend. auto: our Gluon forward + cuDNN's backward (triton-cudnn) on Hopper GPUs, SDPA
+    # elsewhere. One H100, 2B at 480p, compiled: 9.37 s/it with triton-cudnn vs 9.49 with sdpa (BENCH.md).
+    attention_backend="auto",
     # torch.compile every DiT block (inside its checkpoint): fuses the fp32 elementwise chains (RMSNorm,
     # RoPE, LayerNorm + modulation, gates, residuals). The first iteration pays the compilation.
     compile=False,

@@ -869,22 +869,43 @@ def _ring_backward(dout, q, k, v, out, lse, group, sizes):
             _wait(kv_requests)
             kv = kv_next
     # Last hop: our own dK/dV arrive complete. Nothing overlaps this transfer, so it goes in k's
-    # dtype (the owner would round to it anyway), into the K/V buffer that is free by now.
-    dkv_own = _kv_view(kv_bufs[P % 2], sizes[rank], k)
-    _wait(_ring_step(dkv.to(k.dtype), dkv_own, nxt, prv, group, tag=2 * P))
-    return dq.to(q.dtype), dkv_own[0], dkv_own[1]
+    # dtype (the owner would round to it anyway), into tensors of their own: the op's outputs may not
+    # share storage.
+    dk_own, dv_own = torch.empty_like(k), torch.empty_like(v)
+    dkv_out = dkv.to(k.dtype)
+    ops = [dist.P2POp(dist.isend, dkv_out[i], nxt, group, 2 * P + i) for i in range(2)]
+    ops += [dist.P2POp(dist.irecv, own, prv, group, 2 * P + i) for i, own in enumerate((dk_own, dv_own))]
+    _wait(dist.batch_isend_irecv(ops))
+    return dq.to(q.dtype), dk_own, dv_own
 
 
 # Like the local kernel, the ring is a registered custom op, so selective activation checkpointing
-# keeps its output instead of running the whole ring (communication included) again in backward.
-# Custom ops take strings, not process groups: groups are looked up by name.
+# keeps its output instead of running the whole ring (communication included) again in backward. Its
+# backward is an op of its own too, so torch.compile (train.py compile=True) treats both directions as
+# opaque: the point-to-point exchanges only ever run on real tensors, never on tracing's fake ones.
+# Custom ops take strings, not process groups: a group is registered once by name, outside any traced
+# code (model.enable_context_parallel does it; eager calls register on the fly), and the ops look it up.
 _RING_GROUPS = {}
+
+
+def register_ring_group(group):
+    """Make `group` known to the ring ops by its name (call it eagerly, before compiled code uses it)."""
+    _RING_GROUPS[group.group_name] = group
+    return group.group_name
+
+
+def _ring_group(group_name):
+    """The process group registered under `group_name`."""
+    if group_name not in _RING_GROUPS:
+        raise KeyError(f"ring_attention: process group {group_name!r} is not registered; call "
+                       f"attention.register_ring_group(group) (model.enable_context_parallel does) first")
+    return _RING_GROUPS[group_name]
 
 
 @torch.library.custom_op("cosmos_mv::ring_attention", mutates_args=())
 def _ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str,
                        kv_sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _ring_forward(q.contiguous(), k.contiguous(), v.contiguous(), _RING_GROUPS[group_name],
+    out, lse = _ring_forward(q.contiguous(), k.contiguous(), v.contiguous(), _ring_group(group_name),
                              tuple(kv_sizes))
     return out.contiguous(), lse.contiguous()
 
@@ -895,16 +916,29 @@ def _(q, k, v, group_name, kv_sizes):
     return q.new_empty(B, Sq, H, v.shape[-1]), q.new_empty(B, H, Sq, dtype=torch.float32)
 
 
+@torch.library.custom_op("cosmos_mv::ring_attention_backward", mutates_args=())
+def _ring_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                out: torch.Tensor, lse: torch.Tensor, group_name: str,
+                                kv_sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _ring_backward(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
+                           _ring_group(group_name), tuple(kv_sizes))
+    return tuple(g.contiguous() for g in grads)
+
+
+@_ring_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, group_name, kv_sizes):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def _ring_attention_setup(ctx, inputs, output):
     q, k, v, group_name, kv_sizes = inputs
     ctx.save_for_backward(q, k, v, *output)  # the global out and lse: the backward recomputes nothing
-    ctx.group, ctx.sizes = _RING_GROUPS[group_name], tuple(kv_sizes)
+    ctx.group_name, ctx.kv_sizes = group_name, list(kv_sizes)  # the name, not the group: tracing copies ctx
 
 
 def _ring_attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _ring_backward(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
-                                ctx.group, ctx.sizes)
+    dq, dk, dv = _ring_attention_backward_op(dout, q, k, v, out, lse, ctx.group_name, ctx.kv_sizes)
     return dq, dk, dv, None, None
 
 
@@ -915,21 +949,25 @@ def ring_attention_with_lse(q, k, v, group=None, kv_sizes=None):
     """Attention of local queries over the K/V of all ranks; returns (out [B,Sq,H,D], lse [B,H,Sq] fp32).
 
     q, k, v are this rank's chunks. kv_sizes, the K/V sequence length of every rank in group order,
-    saves one all-gather (and a host sync) per call when the caller knows it. The lse is not
-    differentiable. With group None or of size 1 this is plain attention through the primitives.
+    saves one all-gather (and a host sync) per call when the caller knows it (compiled callers must
+    pass it). The lse is not differentiable. With group None or of size 1 this is plain attention
+    through the primitives.
     """
     _check_qkv(q, k, v)
     if kv_sizes is None:
         kv_sizes = _exchange_kv_sizes(k, group)
     kv_sizes = tuple(int(s) for s in kv_sizes)
-    rank, P, _, _ = _ring_layout(group)
+    # get_rank / get_world_size only: torch.compile folds them to constants (the ring's neighbours are
+    # looked up inside the op)
+    rank, P = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
     if len(kv_sizes) != P or kv_sizes[rank] != k.shape[1] or min(kv_sizes) < 1:
         raise ValueError(f"ring_attention: kv_sizes {list(kv_sizes)} do not fit a ring of {P} ranks "
                          f"in which rank {rank} holds {k.shape[1]} keys (and every rank at least one)")
     if P == 1:
         out, lse = _flash_attention_op(q, k, v)
     else:
-        _RING_GROUPS.setdefault(group.group_name, group)
+        if not torch.compiler.is_compiling():  # a registry write would break the graph: done eagerly only
+            register_ring_group(group)
         out, lse = _ring_attention_op(q, k, v, group.group_name, list(kv_sizes))
     return out, lse.detach()  # the lse is not differentiable
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from attention import attention, ring_attention
+from attention import attention, register_ring_group, ring_attention
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Configs
@@ -359,6 +359,8 @@ class MultiViewDiT(nn.Module):
     def enable_context_parallel(self, group):
         """Shard the sequence over `group` (None: off). Inputs must then be this rank's shard_views()."""
         self.cp_group = group if group is not None and dist.get_world_size(group) > 1 else None
+        if self.cp_group is not None:  # here, eagerly: compiled blocks find the ring's group by name
+            register_ring_group(self.cp_group)
 
     @torch.no_grad()
     def init_weights(self):

@@ -242,12 +242,6 @@ def check_config(c):
     if not -1 <= c["saved_attention_blocks"] <= blocks:
         raise ValueError(f"saved_attention_blocks={c['saved_attention_blocks']}: -1 (all) or 0..{blocks} "
                          f"(model {c['model']!r} has {blocks} blocks)")
-    if c["compile"] and c["cp"] > 1:
-        # torch.compile traces a custom op's autograd formula: the ring's backward (P2P exchanges) would run
-        # on fake tensors, and the ring's group registry is a side effect checkpointing cannot trace. The
-        # local Triton op has its backward registered as an op of its own, so it compiles.
-        raise ValueError(f"compile=True needs cp=1 (got cp={c['cp']}): torch.compile cannot trace ring "
-                         f"attention's backward (point-to-point exchanges); run context parallelism eagerly")
     if c["saved_attention_blocks"] != -1 and c["activation_checkpointing"] != "save_attention":
         raise ValueError(f"saved_attention_blocks={c['saved_attention_blocks']} needs "
                          f"activation_checkpointing=save_attention (it is {c['activation_checkpointing']!r})")

@@ -59,8 +59,7 @@ def test_compile_and_partial_saving_settings_are_checked():
                                 r"0\.\.4 \(model 'demo' has 4 blocks\)"),
                                (["activation_checkpointing=full", "saved_attention_blocks=2"],
                                 "needs activation_checkpointing=save_attention"),
-                               (["saved_attention_blocks=-2"], "-1 \\(all\\)"),
-                               (["compile=True", "num_frames=5", "cp=2"], r"compile=True needs cp=1 \(got cp=2\)")):
+                               (["saved_attention_blocks=-2"], "-1 \\(all\\)")):
         with pytest.raises(ValueError, match=message):
             train.resolve_config("demo", overrides)
 

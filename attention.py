@@ -308,7 +308,7 @@ if _HAVE_TRITON:
 #     between the warpgroups an mbarrier "turn" makes them issue their matmuls alternately (ping-pong),
 #     so one warpgroup's softmax hides behind the other's matmuls;
 #   - setmaxnreg gives the consumers 240 registers and the producer 24.
-# Same math, tiles and ragged-tail handling as the Triton forward; used on sm_90 only (wgmma).
+# Same math, contract and ragged-tail handling as the Triton forward; used on sm_90 only (wgmma).
 if _HAVE_GLUON:
 
     @gluon.jit

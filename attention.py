@@ -23,7 +23,7 @@ import torch.nn.functional as F
 # triton: our kernels both ways; triton-cudnn: our forward with cuDNN's backward (ours is ~0.7x cuDNN
 # there, see BENCH.md), fed our out and lse, so the pair is faster than either alone.
 BACKENDS = ("auto", "sdpa", "triton", "triton-cudnn", "reference")
-_backend = "auto"  # 'auto': triton-cudnn (the fastest pair measured) on Hopper GPUs, SDPA otherwise
+_backend = "auto"  # 'auto': triton-cudnn (the fastest pair measured) on Hopper or newer GPUs, SDPA otherwise
 
 
 def set_backend(name):

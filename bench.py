@@ -38,6 +38,7 @@ import datetime  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -320,15 +321,69 @@ def compile_stats():
     return dict(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
 
 
+# Where one iteration's GPU time goes (--profile): one extra iteration after the timed ones runs under
+# torch.profiler, and each kernel's time goes to the first family whose pattern matches its name (cuDNN,
+# FlashAttention, cuBLAS/CUTLASS, inductor and our own kernel names). On the CPU (--tiny) the same patterns
+# sort ATen ops by their self time, so the test exercises the code path.
+KERNEL_FAMILIES = [
+    ("attention backward", r"attn_bwd|flash_bwd|sdpa.*bprop|bprop.*sdpa|fmha.*bwd|(attention|sdpa).*backward"),
+    ("attention forward", r"attn_fwd|flash_fwd|sdpa|fmha|scaled_dot_product|flash_attention|ring_attention"),
+    ("VAE convolutions", r"conv|implicit_gemm|fprop|dgrad|wgrad|nchwToNhwc|nhwcToNchw"),
+    ("GEMMs (linear layers)", r"gemm|nvjet|cutlass|cublas|xmma|Kernel2|aten::(mm|addmm|bmm|baddbmm|linear)$"),
+    ("optimizer + EMA", r"multi_tensor|[Aa]dam|foreach"),
+    ("communication", r"nccl|gloo|all_gather|reduce_scatter|all_reduce"),
+    ("copies (offload, layout)", r"[Mm]emcpy|[Mm]emset|copy_kernel|aten::(copy_|to|_to_copy|contiguous)$"),
+    ("elementwise, norms, reductions", r"triton_|elementwise|vectorized|reduce|unrolled|norm|softmax|index|"
+                                       r"cat|fill|aten::"),
+]
+
+
+def kernel_family(name):
+    """The KERNEL_FAMILIES entry of a kernel (or ATen op) name; 'other' when none matches."""
+    for family, pattern in KERNEL_FAMILIES:
+        if re.search(pattern, name):
+            return family
+    return "other"
+
+
+def profile_iteration(step, device):
+    """Run step() under torch.profiler: {wall_s, kernel_s, families: {family: seconds}, top: [...]}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        wall = time.perf_counter() - t0
+    families, kernels = {}, []
+    for e in prof.key_averages():
+        on_device = e.device_type == torch.autograd.DeviceType.CUDA
+        if cuda != on_device:
+            continue
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us <= 0:
+            continue
+        fam = kernel_family(e.key)
+        families[fam] = families.get(fam, 0.0) + us / 1e6
+        kernels.append((us / 1e6, e.count, e.key[:120], fam))
+    kernels.sort(reverse=True)
+    return dict(wall_s=wall, kernel_s=sum(families.values()), families=families,
+                top=[dict(seconds=s, calls=n, name=k, family=f) for s, n, k, f in kernels[:15]])
+
+
 def plan_name(ac, offload, saved_blocks):
     return f"{ac}{f' ({saved_blocks} blocks)' if ac == 'save_attention' and saved_blocks >= 0 else ''} / {offload}"
 
 
-def bench_training(setup, backend, plan, iters, warmup, device, rank, world, parallel, overrides=(), compile=False):
+def bench_training(setup, backend, plan, iters, warmup, device, rank, world, parallel, overrides=(), compile=False,
+                   profile=False):
     """Time real train.train_step iterations of one setup; returns the result dict (or raises OOM).
 
     plan: (activation_checkpointing, offload[, saved_attention_blocks]). compile: torch.compile the blocks
     (train.py compile=True); the first iteration then includes the compilation (give it a warm-up).
+    profile: one more iteration under torch.profiler (not in the medians), kernel time by family.
     parallel: train.setup_parallelism(device, world, cp), i.e. (FSDP mesh, cp group or None, dp rank, dp).
     """
     ac, offload, saved_blocks = (*plan, -1)[:3]
@@ -377,9 +432,17 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
                           f"{plan_name(ac, offload, saved_blocks)} "
                           f"iter {it}{' (warm-up)' if it < warmup else ''}: "
                           + " ".join(f"{k} {v:.2f}s" for k, v in phases.items()) + f" loss {loss:.3f}", flush=True)
-        ema.wait()
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else train.peak_memory_gb(device)
-        reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else None
+            ema.wait()
+            peak = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
+                    else train.peak_memory_gb(device))
+            reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else None
+            profiled = None
+            if profile:
+                it = warmup + iters
+                profiled = profile_iteration(
+                    lambda: train.train_step(net, vae, batches[it % len(batches)], optimizer, scheduler, ema, it,
+                                             config, trainable_params, device, dp_rank), device)
+                ema.wait()
     finally:
         ema.wait()
         del net, params, trainable_params, ema, optimizer, scheduler, vae, batches
@@ -406,16 +469,17 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
                 # of the whole iteration (all ranks); per-sample FLOPs are the same at any cp (the ring splits them)
                 model_flops=fl["model"] * samples, hardware_flops=fl["hardware"] * samples, forward_flops=fl["forward"],
                 attention_share=fl["attention_share"], peak_mem_gib=peak, peak_reserved_gib=reserved,
-                gpu_s_per_sample=med["total"] * world / samples)
+                gpu_s_per_sample=med["total"] * world / samples, profile=profiled)
 
 
 def train_with_fallback(setup, backend, iters, warmup, device, rank, world, parallel, plans=None, overrides=(),
-                        compile=False):
+                        compile=False, profile=False):
     """bench_training with the first memory plan that fits; out-of-memory attempts are recorded."""
     failed = []
     for plan in plans or MEMORY_PLANS[setup]:
         try:
-            r = bench_training(setup, backend, plan, iters, warmup, device, rank, world, parallel, overrides, compile)
+            r = bench_training(setup, backend, plan, iters, warmup, device, rank, world, parallel, overrides, compile,
+                               profile)
             r["oom_plans"] = failed
             return r
         except torch.OutOfMemoryError as e:
@@ -608,6 +672,18 @@ def markdown(res):
                            f"{c.get('graphs')} graph(s) compiled, {c.get('graph_breaks')} graph break(s).")
         if out[-1]:
             out.append("")
+        for r in res["training"]:  # --profile: where the GPU time of one more iteration went
+            prof = r.get("profile")
+            if prof:
+                unit, rest = (("ATen op self", "Python and dispatch") if res["device"] == "cpu" else
+                              ("GPU kernel", "GPU idle, e.g. waiting for the CPU or a synchronisation"))
+                out += [f"Profile of one more {setup_name(r)} {r['backend']} iteration (torch.profiler): "
+                        f"{prof['wall_s']:.2f} s wall, {prof['kernel_s']:.2f} s of {unit} time (the rest: {rest}).",
+                        "",
+                        "| kernel family | seconds | share of the wall time |", "|---|---|---|"]
+                for fam, sec in sorted(prof["families"].items(), key=lambda kv: -kv[1]):
+                    out.append(f"| {fam} | {sec:.2f} | {100 * sec / prof['wall_s']:.1f}% |")
+                out.append("")
     if res.get("kernels"):
         impls = [k for k in res["kernels"][0] if isinstance(res["kernels"][0][k], dict)]
         out += ["Attention kernels, B=1, bf16, [B, S, H, D], non-causal; TFLOP/s forward / backward "
@@ -679,6 +755,9 @@ def main(argv=None):
                    help="force a memory plan, e.g. 720p-5v=full:all; BLOCKS: save_attention in the first BLOCKS "
                         "blocks only (720p-5v=save_attention:ema:14); repeat for fallbacks, tried in order")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks in every run (train.py compile)")
+    p.add_argument("--profile", nargs="*", metavar="SETUP",
+                   help="one more iteration of these setups (all when none named) under torch.profiler: GPU time "
+                        "by kernel family")
     p.add_argument("--iters", type=int, default=2, help="timed iterations per setup")
     p.add_argument("--warmup", type=int, default=1, help="warm-up iterations per setup (autotuning, allocator)")
     p.add_argument("--set", action="append", default=[], metavar="key=value", help="train.py config override")
@@ -815,7 +894,8 @@ def _main(p, args, plans, runs, rank, world, device):
         for setup, backend, warmup, iters, compiled in runs:
             try:
                 r = train_with_fallback(setup, backend, iters, warmup, device, rank, world, parallel,
-                                        plans.get(setup), args.set, compiled)
+                                        plans.get(setup), args.set, compiled,
+                                        args.profile is not None and (not args.profile or setup in args.profile))
             except Exception as e:  # record and go on with the next run
                 if tiny:
                     raise

@@ -261,3 +261,40 @@ def test_report_of_runs_saved_before_cp_is_unchanged(tmp_path):
     assert row(old) == row(new) and len(row(old)) == 1
     mfu = r["model_flops"] / r["median"]["total"] / (old["gemm"]["tflops"] * 1e12)
     assert f"| {100 * mfu:.0f}% |" in row(old)[0]
+
+
+def test_kernel_families_sort_real_kernel_names():
+    """Names as the profiler shows them (cuDNN, FlashAttention, cuBLAS, inductor, ours) land in their family."""
+    cases = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_128x128x128": "attention forward",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3_64x128x128": "attention backward",
+        "_gl_attn_fwd_kernel": "attention forward", "_attn_bwd_kernel": "attention backward",
+        "_attn_bwd_prep_kernel": "attention backward",
+        "flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel": "attention backward",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_ndhwc_kndhwc_tilesize128x96": "VAE convolutions",
+        "nvjet_tst_192x192_64x3_2x1_v_bz_coopA_TNT": "GEMMs (linear layers)",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "GEMMs (linear layers)",
+        "triton_per_fused__to_copy_add_mul_native_layer_norm_0": "elementwise, norms, reductions",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer + EMA",
+        "Memcpy HtoD (Pinned -> Device)": "copies (offload, layout)",
+        "ncclDevKernel_AllGather_RING_LL": "communication",
+        "aten::addmm": "GEMMs (linear layers)", "aten::mul": "elementwise, norms, reductions",
+        "some_unknown_kernel": "other",
+    }
+    for name, family in cases.items():
+        assert bench.kernel_family(name) == family, name
+
+
+def test_tiny_profile_splits_the_iteration(tmp_path):
+    """--profile adds one untimed iteration whose op time is split by family and rendered as a table."""
+    torch.set_num_threads(2)
+    res = bench.main(["--tiny", "--skip", "gemm", "kernels", "vae", "sampling", "--out", str(tmp_path / "b.json"),
+                      "--runs", "tiny:sdpa:0:1", "--profile"])
+    (r,) = res["training"]
+    assert len(r["iterations"]) == 1  # the profiled iteration is not one of the timed ones
+    prof = r["profile"]
+    fams = prof["families"]
+    assert prof["kernel_s"] == pytest.approx(sum(fams.values())) and 0 < prof["kernel_s"]
+    assert fams["GEMMs (linear layers)"] > 0 and fams["VAE convolutions"] > 0 and fams["attention forward"] > 0
+    assert prof["top"] and all(t["family"] in fams for t in prof["top"])
+    assert "Profile of one more tiny sdpa iteration" in bench.markdown(res)

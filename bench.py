@@ -416,7 +416,7 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
                 def mark(name):
                     sync(device)
                     now = time.perf_counter()
-                    phases[name] = now - last[0]
+                    phases[name] = phases.get(name, 0.0) + now - last[0]  # train_step may mark one twice
                     last[0] = now
 
                 sync(device)
@@ -425,13 +425,14 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
                 mark("data")
                 loss, grad_norm = train.train_step(net, vae, batch, optimizer, scheduler, ema, it, config,
                                                    trainable_params, device, dp_rank, mark=mark)
-                phases["total"] = time.perf_counter() - t0
+                phases["total"] = time.perf_counter() - t0  # offload=all: AdamW may still run (next VAE)
                 rows.append(dict(phases, loss=loss, grad_norm=grad_norm))
                 if rank == 0:
                     print(f"  {setup}{f' cp={cp}' if cp > 1 else ''} {backend}{' compiled' if compile else ''} "
                           f"{plan_name(ac, offload, saved_blocks)} "
                           f"iter {it}{' (warm-up)' if it < warmup else ''}: "
                           + " ".join(f"{k} {v:.2f}s" for k, v in phases.items()) + f" loss {loss:.3f}", flush=True)
+            train.finish_step(optimizer)
             ema.wait()
             peak = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
                     else train.peak_memory_gb(device))
@@ -442,8 +443,10 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
                 profiled = profile_iteration(
                     lambda: train.train_step(net, vae, batches[it % len(batches)], optimizer, scheduler, ema, it,
                                              config, trainable_params, device, dp_rank), device)
+                train.finish_step(optimizer)
                 ema.wait()
     finally:
+        train.finish_step(optimizer)
         ema.wait()
         del net, params, trainable_params, ema, optimizer, scheduler, vae, batches
         free_memory(device)

@@ -1025,18 +1025,39 @@ def _write_json(path, obj):
 # ---------------------------------------------------------------------------------------------------
 
 
+# With offload=all, AdamW, the schedule and the EMA update are seconds of CPU work per step at 2B
+# parameters. They run on a background thread while the GPU encodes the next batch with the VAE (which
+# reads no DiT weight); the next forward, a checkpoint or a sample waits for them (finish_step). Same math
+# and order as a synchronous step; the collectives (gradient norm, loss) stay on the main thread.
+_step_thread = ThreadPoolExecutor(1, thread_name_prefix="optimizer-step")
+
+
+def finish_step(optimizer):
+    """Wait for a background optimizer step still in flight (re-raises its error); no-op otherwise."""
+    pending = getattr(optimizer, "pending_step", None)
+    if pending is not None:
+        optimizer.pending_step = None
+        pending.result()
+
+
 def train_step(net, vae, batch, optimizer, scheduler, ema, iteration, config, trainable_params, device, dp_rank,
                mark=None):
     """One optimizer step; returns (mean loss over all ranks, gradient norm before clipping).
 
-    mark(phase), if given, is called after 'vae', 'forward_backward' and 'optimizer' (bench.py times them).
+    mark(phase), if given, is called after 'vae', 'forward_backward' and 'optimizer' (bench.py times and
+    adds them up: 'optimizer' is also called for the wait on the previous background step).
     Under context parallelism (the net's cp_group) every rank of the group passes the same batch.
+    With offload=all the step itself may still run when this returns (see finish_step);
+    optimizer.step_lr is the learning rate it uses.
     """
     mark = mark or (lambda phase: None)
     n_views = batch["video"].shape[1]
     cp_group = getattr(net, "cp_group", None)
     x0 = encode_batch(vae, batch, device, config["vae_views_per_call"], cp_group)  # [B, 16, V*t, h, w]
     mark("vae")
+    finish_step(optimizer)  # the previous step (offload=all), hidden behind the encode above
+    mark("optimizer")
+    optimizer.step_lr = optimizer.param_groups[0]["lr"]  # lr * schedule(iteration)
     B = x0.shape[0]
     context, view_ids, fps = batch_inputs(batch, device, x0.shape[2] // n_views)
     sample_ids = range(dp_rank * B, (dp_rank + 1) * B)  # global sample index: same draws for any world size
@@ -1048,14 +1069,22 @@ def train_step(net, vae, batch, optimizer, scheduler, ema, iteration, config, tr
     loss.backward()
     mark("forward_backward")
     grad_norm = clip_gradients(trainable_params, config["grad_clip"], device)
-    optimizer.step()
-    scheduler.step()
-    ema.update(ema_beta(iteration, config["ema_rate"]))
-    optimizer.zero_grad(set_to_none=True)
     loss = loss.detach().clone()
     dist.all_reduce(loss)  # sum (gloo has no average); the mean of equal-sized shard means = the batch mean
     loss = loss.item() / dist.get_world_size()
-    mark("optimizer")  # clip, AdamW, schedule, EMA (an offloaded EMA finishes in the background)
+    beta = ema_beta(iteration, config["ema_rate"])
+
+    def step():
+        optimizer.step()
+        scheduler.step()
+        ema.update(beta)
+        optimizer.zero_grad(set_to_none=True)
+
+    if config["offload"] == "all":
+        optimizer.pending_step = _step_thread.submit(step)
+    else:
+        step()
+    mark("optimizer")  # clip, AdamW, schedule, EMA (offloaded EMA or offload=all: they finish in the background)
     return loss, grad_norm
 
 
@@ -1215,9 +1244,9 @@ def _train(config, rank, world, device):
         t0 = time.perf_counter()
         batch = next(batches)
         t_data = time.perf_counter() - t0
-        lr = optimizer.param_groups[0]["lr"]  # lr * schedule(it), the rate of this step
         loss, grad_norm = train_step(net, vae, batch, optimizer, scheduler, ema, it, config, trainable_params,
                                      device, dp_rank)
+        lr = optimizer.step_lr  # lr * schedule(it), the rate of this step
         it += 1
         dt = time.perf_counter() - t0
         losses.append(loss)
@@ -1235,12 +1264,16 @@ def _train(config, rank, world, device):
         if it % config["log_every"] == 0:
             window = []
         if config["save_every"] and (it % config["save_every"] == 0 or it == config["max_iter"]):
+            finish_step(optimizer)
             save_checkpoint(ckpt_dir, it, net, optimizer, scheduler, ema, config, len(dataset), device, rank,
                             kill_midway=kill[0] == "save" and int(kill[2]) == it)
         if config["sample_every"] and (it % config["sample_every"] == 0 or it == config["max_iter"]):
+            finish_step(optimizer)
             write_samples(net, vae, ema, batch, it, config, out / "samples", device, rank)
         if kill[0] == "step" and int(kill[2]) == it:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: a crash between checkpoints
+    finish_step(optimizer)
+    ema.wait()
     del batches
     if rank == 0 and len(losses) >= 2:
         k = max(1, len(losses) // 10)

@@ -349,3 +349,41 @@ def test_caption_embeddings_of_the_wrong_width_are_named(data_dir, tmp_path):
     config = train.resolve_config("demo", small(root, tmp_path / "out"))
     with pytest.raises(ValueError, match=r"b\.pickle \(32-d\)"):
         train.train(config)
+
+
+def test_offload_all_steps_in_the_background_with_the_same_numbers(data_dir, tmp_path, monkeypatch):
+    """offload=all (CPU AdamW on a background thread, overlapping the next VAE encode) trains like offload=none.
+
+    Every step's optimizer work is checked to run on the background thread and to be finished before the
+    next forward reads the weights, a checkpoint is written or training returns.
+    """
+    threads, order = [], []
+    step = torch.optim.AdamW.step
+
+    def spy_step(self, *a, **k):
+        threads.append(__import__("threading").current_thread().name)
+        order.append("step")
+        return step(self, *a, **k)
+
+    forward = train.diffusion_loss
+
+    def spy_forward(*a, **k):
+        order.append("forward")
+        return forward(*a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
+    monkeypatch.setattr(train, "diffusion_loss", spy_forward)
+    runs = {}
+    for offload in ("none", "all"):
+        threads.clear(), order.clear()
+        out = tmp_path / offload
+        train.train(train.resolve_config("demo", small(data_dir, out, max_iter=4, save_every=2, offload=offload)))
+        runs[offload] = (log_of(out), model_file(out, 4), list(threads), list(order))
+    (log_n, sd_n, thr_n, ord_n), (log_a, sd_a, thr_a, ord_a) = runs["none"], runs["all"]
+    assert ord_n == ord_a == ["forward", "step"] * 4  # each step done before the next forward
+    assert all(t.startswith("optimizer-step") for t in thr_a) and not any(t.startswith("optimizer") for t in thr_n)
+    for key in ("loss", "grad_norm", "lr"):
+        assert np.allclose([r[key] for r in log_a], [r[key] for r in log_n], rtol=1e-5, atol=0), key
+    assert sd_a.keys() == sd_n.keys()
+    for k in sd_n:  # the weights and the EMA of the last checkpoint
+        assert torch.allclose(sd_a[k], sd_n[k], rtol=1e-5, atol=1e-6), k

@@ -130,12 +130,18 @@ def triton_attention_saveable():
         return False
 
 
-def attention_recomputed(ac, backend, saved_blocks=-1, num_blocks=28):
+def checkpointed_share(ac, num_blocks=28, uncheckpointed=0):
+    """Share of the blocks under activation checkpointing (train.py uncheckpointed_blocks leaves the last out)."""
+    return 0.0 if ac == "none" else (num_blocks - min(uncheckpointed, num_blocks)) / num_blocks
+
+
+def attention_recomputed(ac, backend, saved_blocks=-1, num_blocks=28, uncheckpointed=0):
     """Share of the blocks whose attention forward re-runs in backward (0.0 .. 1.0) under this plan."""
+    checkpointed = num_blocks - min(uncheckpointed, num_blocks)
     if ac == "full" or (ac == "save_attention" and backend.startswith("triton") and not triton_attention_saveable()):
-        return 1.0
+        return checkpointed / num_blocks
     if ac == "save_attention" and saved_blocks >= 0:
-        return 1.0 - min(saved_blocks, num_blocks) / num_blocks
+        return max(0, checkpointed - saved_blocks) / num_blocks
     return 0.0
 
 
@@ -184,8 +190,8 @@ def iteration_flops(cfg, n_views, num_frames, height, width, checkpointing=False
                     lora=False):
     """Model and hardware FLOPs of one training iteration of one sample (VAE not included).
 
-    checkpointing: backward re-runs the block forward except attention, whose forward re-runs in the
-    recomputed_attention share of the blocks (attention_recomputed()).
+    checkpointing: backward re-runs the block forward except attention (True: in every block, or the
+    checkpointed_share() of the blocks), and attention's forward in the recomputed_attention share.
     lora: the frozen base weights get no weight gradients (backward of those linears = 1x forward).
     """
     f = forward_flops(cfg, n_views, num_frames, height, width)
@@ -193,7 +199,7 @@ def iteration_flops(cfg, n_views, num_frames, height, width, checkpointing=False
     other = f["total"] - attn
     model = 3 * f["total"]
     backward = 2.5 * attn + (1 if lora else 2) * other
-    extra = other + recomputed_attention * attn if checkpointing else 0.0
+    extra = float(checkpointing) * other + recomputed_attention * attn
     return dict(forward=f, model=model, hardware=f["total"] + backward + extra,
                 attention_share=attn / f["total"])
 
@@ -373,8 +379,10 @@ def profile_iteration(step, device):
                 top=[dict(seconds=s, calls=n, name=k, family=f) for s, n, k, f in kernels[:15]])
 
 
-def plan_name(ac, offload, saved_blocks):
-    return f"{ac}{f' ({saved_blocks} blocks)' if ac == 'save_attention' and saved_blocks >= 0 else ''} / {offload}"
+def plan_name(ac, offload, saved_blocks, uncheckpointed=0):
+    saved = f" ({saved_blocks} blocks)" if ac == "save_attention" and saved_blocks >= 0 else ""
+    plain = f", last {uncheckpointed} blocks not checkpointed" if uncheckpointed and ac != "none" else ""
+    return f"{ac}{saved}{plain} / {offload}"
 
 
 def bench_training(setup, backend, plan, iters, warmup, device, rank, world, parallel, overrides=(), compile=False,
@@ -429,7 +437,7 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
                 rows.append(dict(phases, loss=loss, grad_norm=grad_norm))
                 if rank == 0:
                     print(f"  {setup}{f' cp={cp}' if cp > 1 else ''} {backend}{' compiled' if compile else ''} "
-                          f"{plan_name(ac, offload, saved_blocks)} "
+                          f"{plan_name(ac, offload, saved_blocks, config['uncheckpointed_blocks'])} "
                           f"iter {it}{' (warm-up)' if it < warmup else ''}: "
                           + " ".join(f"{k} {v:.2f}s" for k, v in phases.items()) + f" loss {loss:.3f}", flush=True)
             train.finish_step(optimizer)
@@ -453,9 +461,11 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
     timed = rows[warmup:] or rows
     med = {k: statistics.median(r[k] for r in timed) for k in ("data", "vae", "forward_backward", "optimizer", "total")}
     cfg = dit_config(config["model"])
-    recomputed = attention_recomputed(ac, backend, saved_blocks, cfg["num_blocks"])
+    uncheckpointed = config["uncheckpointed_blocks"]
+    recomputed = attention_recomputed(ac, backend, saved_blocks, cfg["num_blocks"], uncheckpointed)
     fl = iteration_flops(cfg, s["n_views"], config["num_frames"], config["height"], config["width"],
-                         checkpointing=ac != "none", recomputed_attention=recomputed, lora=config["lora_rank"] > 0)
+                         checkpointing=checkpointed_share(ac, cfg["num_blocks"], uncheckpointed),
+                         recomputed_attention=recomputed, lora=config["lora_rank"] > 0)
     B = config["batch_size"]
     samples = dp * B  # per iteration: each cp group trains B samples
     compiled = None
@@ -465,7 +475,8 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
         if compiled["graph_breaks"] and rank == 0:
             print(f"  warning: {compiled['graph_breaks']} graph break(s) in the compiled blocks", flush=True)
     return dict(setup=setup, backend=backend, activation_checkpointing=ac, offload=offload,
-                saved_attention_blocks=saved_blocks, num_blocks=cfg["num_blocks"], compile=compile, compiled=compiled,
+                saved_attention_blocks=saved_blocks, uncheckpointed_blocks=uncheckpointed, num_blocks=cfg["num_blocks"],
+                compile=compile, compiled=compiled,
                 attention_recomputed=recomputed, world=world, cp=cp, dp=dp, batch_per_rank=B, samples_per_iter=samples,
                 tokens=tokens(cfg, s["n_views"], config["num_frames"], config["height"], config["width"])[0],
                 warmup=warmup, iters=len(timed), build_s=build_s, median=med, iterations=rows,
@@ -661,7 +672,7 @@ def markdown(res):
             again = ("" if not share else " (attn recomputed)" if share == 1 else
                      f" (attn recomputed in {round(share * L)} of {L} blocks)")
             out.append(f"| {setup_name(r)} | {r['backend']}{', compiled' if r.get('compile') else ''} | "
-                       f"{plan_name(r['activation_checkpointing'], r['offload'], r.get('saved_attention_blocks', -1))}"
+                       f"{plan_name(r['activation_checkpointing'], r['offload'], r.get('saved_attention_blocks', -1), r.get('uncheckpointed_blocks', 0))}"
                        f"{again} | {m['total']:.2f} "
                        f"({r['iters']} it) | {m['data']:.2f} | {m['vae']:.2f} | {m['forward_backward']:.2f} | "
                        f"{m['optimizer']:.2f} | {pf:.2f} | {tf:.0f} ({hw:.0f}) | {mfu} | "

@@ -84,6 +84,9 @@ DEFAULTS = dict(
     # save_attention only: the first N blocks keep their self-attention outputs, the others recompute
     # everything (as full); -1 = all blocks. A kept block costs ~4.2 KB per token (~0.55 GiB at 720p-5v).
     saved_attention_blocks=-1,
+    # the last N blocks are not checkpointed at all (they keep every activation: no recompute), where
+    # memory is left over, e.g. 480p on one 80 GB GPU; 0 = checkpoint every block as the mode says.
+    uncheckpointed_blocks=0,
     # attention.py backend. auto: our Gluon forward + cuDNN's backward (triton-cudnn) on Hopper GPUs, SDPA
     # elsewhere. One H100, 2B at 480p, compiled: 9.37 s/it with triton-cudnn vs 9.49 with sdpa (BENCH.md).
     attention_backend="auto",
@@ -241,6 +244,9 @@ def check_config(c):
     blocks = dit_config(c["model"])["num_blocks"]
     if not -1 <= c["saved_attention_blocks"] <= blocks:
         raise ValueError(f"saved_attention_blocks={c['saved_attention_blocks']}: -1 (all) or 0..{blocks} "
+                         f"(model {c['model']!r} has {blocks} blocks)")
+    if not 0 <= c["uncheckpointed_blocks"] <= blocks:
+        raise ValueError(f"uncheckpointed_blocks={c['uncheckpointed_blocks']}: 0..{blocks} "
                          f"(model {c['model']!r} has {blocks} blocks)")
     if c["saved_attention_blocks"] != -1 and c["activation_checkpointing"] != "save_attention":
         raise ValueError(f"saved_attention_blocks={c['saved_attention_blocks']} needs "
@@ -714,16 +720,17 @@ def _checkpointed_forward(forward, context_fn, *args):
     return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn)
 
 
-def apply_activation_checkpointing(net, mode, saved_attention_blocks=-1):
+def apply_activation_checkpointing(net, mode, saved_attention_blocks=-1, uncheckpointed_blocks=0):
     """Checkpoint every block: 'full' recomputes it all in backward, 'save_attention' all but attention.
 
     saved_attention_blocks=N (save_attention): only blocks 0..N-1 keep their attention outputs, the rest
-    are checkpointed as 'full'; -1 = every block. Which blocks does not change the peak (every saved
-    output is alive when backward starts), so the first N.
+    are checkpointed as 'full'; -1 = every block. uncheckpointed_blocks=U: the last U blocks are left
+    alone (no recompute). Which blocks does not change the peak (every saved activation is alive when
+    backward starts), so the first N and the last U.
     """
     if mode == "none":
         return
-    for i, block in enumerate(net.blocks):
+    for i, block in enumerate(net.blocks[:len(net.blocks) - uncheckpointed_blocks]):
         keep = mode == "save_attention" and (saved_attention_blocks < 0 or i < saved_attention_blocks)
         # An instance attribute: the block keeps its class, its parameter names and FSDP's hooks around it.
         block.forward = functools.partial(_checkpointed_forward, block.forward,
@@ -779,7 +786,8 @@ def build_model(config, device, mesh, resuming):
     # same set everywhere) and AdamW would skip the decay of those weights. Training always computes them.
     net.skip_empty_text = False
     trainable = setup_trainable(net, config)
-    apply_activation_checkpointing(net, config["activation_checkpointing"], config["saved_attention_blocks"])
+    apply_activation_checkpointing(net, config["activation_checkpointing"], config["saved_attention_blocks"],
+                                   config["uncheckpointed_blocks"])
     if config["compile"]:
         compile_blocks(net)
     shard_model(net, mesh, config["precision"], offload=config["offload"] == "all")

@@ -185,6 +185,15 @@ def test_partial_attention_saving_in_the_flop_model():
     assert bench.attention_recomputed("save_attention", "sdpa", -1, 28) == 0.0
     assert bench.attention_recomputed("save_attention", "sdpa", 28, 28) == 0.0
     assert bench.attention_recomputed("full", "sdpa", 14, 28) == 1.0
+    # uncheckpointed_blocks: the last blocks recompute nothing
+    assert bench.attention_recomputed("full", "sdpa", -1, 28, uncheckpointed=7) == 0.75
+    assert bench.attention_recomputed("save_attention", "sdpa", 14, 28, uncheckpointed=7) == 0.25
+    assert bench.attention_recomputed("save_attention", "sdpa", 14, 28, uncheckpointed=20) == 0.0
+    plain = bench.iteration_flops(cfg, 5, 29, 704, 1280, checkpointing=bench.checkpointed_share("save_attention", 28, 28))
+    none = bench.iteration_flops(cfg, 5, 29, 704, 1280, checkpointing=False)
+    assert plain["hardware"] == none["hardware"]
+    quarter = bench.iteration_flops(cfg, 5, 29, 704, 1280, checkpointing=bench.checkpointed_share("full", 28, 21))
+    assert quarter["hardware"] - none["hardware"] == pytest.approx(0.25 * (f["total"] - f["self_attn"] - f["cross_attn"]))
 
 
 def _cp_bench_worker(rank, world, out_dir):

@@ -256,6 +256,34 @@ def test_activation_checkpointing_recomputes_all_but_attention_with_identical_gr
         assert all(torch.equal(a, b) for a, b in zip(grads["none"], grads[mode]))
 
 
+def test_uncheckpointed_blocks_skip_the_recompute_of_the_last_blocks():
+    """uncheckpointed_blocks=U: the last U blocks run once (no recompute), same gradients as 'none'."""
+    g = torch.Generator().manual_seed(2)
+    V, T, H, W = 2, 2, 4, 6
+    inputs = (torch.randn(1, 16, V * T, H, W, generator=g), torch.rand(1, V * T, generator=g),
+              torch.randn(1, V * 512, 64, generator=g), torch.zeros(1, 1, V * T, H, W))
+    mm, grads = {}, {}
+    for mode, plain in (("none", 0), ("full", 0), ("full", 1), ("full", 4), ("save_attention", 3)):
+        torch.manual_seed(0)
+        net = build_dit("demo", dtype=torch.float32)
+        net.skip_empty_text = False
+        train.apply_activation_checkpointing(net, mode, uncheckpointed_blocks=plain)
+        with CountOps() as ops:
+            net(*inputs, fps=torch.tensor([10.0])).square().mean().backward()
+        mm[mode, plain] = ops.counts["aten::mm"] + ops.counts["aten::addmm"]
+        grads[mode, plain] = [p.grad for p in net.parameters()]
+    L = len(net.blocks)
+    per_block = (mm["full", 0] - mm["none", 0]) / L  # the matmuls one recomputed block adds
+    assert per_block > 0
+    assert mm["full", 1] == mm["none", 0] + (L - 1) * per_block
+    assert mm["full", 4] == mm["none", 0]  # all 4 blocks of the demo DiT left alone
+    assert mm["save_attention", 3] == mm["none", 0] + per_block  # block 0 checkpointed, 1..3 not
+    for key in grads:
+        assert all(torch.equal(a, b) for a, b in zip(grads["none", 0], grads[key])), key
+    with pytest.raises(ValueError, match="uncheckpointed_blocks=5"):
+        train.check_config(train.resolve_config("demo", ["uncheckpointed_blocks=5"]))
+
+
 def test_bf16_keeps_fp32_master_weights_and_lora_trains_only_adapters(data_dir, tmp_path):
     pytest.importorskip("lora")
     config = train.resolve_config("demo", small(data_dir, tmp_path, max_iter=1, save_every=1, precision="bf16",

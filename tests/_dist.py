@@ -1,4 +1,4 @@
-"""Helpers for tests that run several processes joined in one gloo group on this machine."""
+"""Helpers for tests that run several processes joined in one gloo (CPU) or NCCL (GPU) group on this machine."""
 
 import socket
 
@@ -14,9 +14,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _process(rank, world, port, fn, args):
+def _process(rank, world, port, fn, args, backend="gloo"):
     torch.set_num_threads(1)  # two cores shared by every process
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=torch.device("cuda", rank) if backend == "nccl" else None)
     try:
         fn(rank, world, *args)
     finally:
@@ -26,3 +29,8 @@ def _process(rank, world, port, fn, args):
 def run_gloo(fn, world, *args):
     """Run fn(rank, world, *args) in `world` spawned processes of one gloo group; fn must be module-level."""
     mp.spawn(_process, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def run_nccl(fn, world, *args):
+    """Like run_gloo, on `world` GPUs joined by NCCL (process r uses cuda:r)."""
+    mp.spawn(_process, args=(world, free_port(), fn, args, "nccl"), nprocs=world, join=True)

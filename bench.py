@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=2 bench.py --runs 480p-5v:triton:1:1 --cp 2   # context parallel: 2 GPUs, one sample
     python bench.py --runs 480p-5v:triton:1:3 480p-5v:sdpa:1:3   # SETUP:BACKEND[:WARMUP:ITERS][:compile]
     python bench.py --runs 720p-5v:sdpa:1:1:compile --plan 720p-5v=save_attention:ema:14   # AC:OFFLOAD[:BLOCKS]
+    python bench.py --runs 480p-5v:triton-cudnn:1:2:compile --profile   # + GPU time by kernel family
     python bench.py --tiny                            # CPU smoke test: tiny model, same code paths (tests)
 
 Training iterations go through train.py itself (setup_parallelism, build_model, EMA, build_optimizer,
@@ -71,19 +72,18 @@ SETUPS = {  # train.py preset + the views and pixels of one sample (29 frames ea
 
 # Memory plan for one 80 GB H100, batch 1, tried in order (the next one after an out-of-memory error).
 # Static state of the 2B model: fp32 weights 7.3 GiB + fp32 grads 7.3 + AdamW 14.6 + fp32 EMA 7.3 = 36.4 GiB.
-# Activations: the checkpointed block inputs (4 KB per token and block), every attention output kept by
-# save_attention (self + cross, 7.4 KB per token and block, measured), and the one block recomputed in
-# backward. Measured peaks (BENCH.md): 480p-5v save_attention 60.2 GiB; 720p-5v full + EMA on the CPU
-# 45.9 GiB in a first iteration, i.e. ~60.5 GiB once AdamW's states exist; 720p-7v full with weights,
-# gradients, AdamW and EMA on the CPU 53.9 GiB (on the GPU they would add 36.4 GiB: too much).
-# Untested but predicted to fit: 720p-5v full/none (~68 GiB) and save_attention/all (~58 GiB).
-# A third field N keeps the attention outputs of the first N blocks only (train.py saved_attention_blocks):
-# e.g. 720p-5v save_attention/ema/14 is predicted at ~60.5 + 14 x 0.97 = ~74 GiB (140,800 tokens x 7.4 KB).
+# Activations: the checkpointed block inputs (4 KB per token and block), the self-attention outputs that
+# save_attention keeps (4.2 KB per token and block; cross-attention is recomputed), and the one block
+# recomputed in backward. Measured peaks (BENCH.md, compiled, triton-cudnn): 480p-5v save_attention 49.7 GiB
+# (with the last 10 blocks uncheckpointed: out of memory); 720p-5v save_attention + EMA on the CPU 66.7 GiB;
+# 720p-7v save_attention with weights, gradients, AdamW and EMA on the CPU 62.9 GiB (the AdamW step then
+# runs on the CPU behind the next VAE encode). A third field N keeps the attention outputs of the first N
+# blocks only (train.py saved_attention_blocks), for cards with less memory.
 MEMORY_PLANS = {  # setup: [(activation_checkpointing, offload[, saved_attention_blocks]), ...]
     "480p-5v": [("save_attention", "none"), ("full", "none"), ("full", "ema")],
-    "720p-5v": [("full", "ema"), ("full", "all")],
-    "720p-7v": [("full", "all")],
-    "lora-720p-5v": [("full", "none")],
+    "720p-5v": [("save_attention", "ema"), ("save_attention", "ema", 14), ("full", "ema"), ("full", "all")],
+    "720p-7v": [("save_attention", "all"), ("save_attention", "all", 14), ("full", "all")],
+    "lora-720p-5v": [("save_attention", "none"), ("full", "none")],
     "tiny": [("save_attention", "none")],
 }
 

@@ -8,6 +8,7 @@ Sections, in reading order:
   2. reference        plain PyTorch math returning (out, lse), and its backward; float64 in tests
   3. triton kernels   flash-attention forward/backward for CUDA (Hopper-tuned)
   3b. gluon forward   the warp-specialised Hopper forward (producer warp + ping-pong warpgroups)
+  3c. gluon backward  the warp-specialised Hopper backward (loader and dQ-writer warps + 2 warpgroups)
   4. ring attention   context parallelism over a process group, merging partials through the LSE
 """
 
@@ -20,8 +21,8 @@ import torch.nn.functional as F
 # 1. Entry point
 # ---------------------------------------------------------------------------------------------------
 
-# triton: our kernels both ways; triton-cudnn: our forward with cuDNN's backward (ours is ~0.7x cuDNN
-# there, see BENCH.md), fed our out and lse, so the pair is faster than either alone.
+# triton: our kernels both ways; triton-cudnn: our forward with cuDNN's backward (ours is 0.88-0.96x
+# cuDNN's on Hopper, see BENCH.md), fed our out and lse, so the pair is faster than either alone.
 BACKENDS = ("auto", "sdpa", "triton", "triton-cudnn", "reference")
 _backend = "auto"  # 'auto': triton-cudnn (the fastest pair measured) on Hopper or newer GPUs, SDPA otherwise
 
@@ -117,6 +118,14 @@ try:  # Gluon: Triton's lower-level dialect (explicit warps, barriers, wgmma), f
 except ImportError:
     _HAVE_GLUON = False
 
+try:  # the Gluon backward's dQ: Triton 3.6 has the TMA reduce op in its IR builder, not a Gluon wrapper yet
+    from triton._C.libtriton import ir as _triton_ir
+    from triton.experimental.gluon.language._core import builtin as _gluon_builtin
+
+    _HAVE_GLUON_BWD = _HAVE_GLUON and hasattr(_triton_ir, "DESCRIPTOR_REDUCE_KIND")
+except ImportError:
+    _HAVE_GLUON_BWD = False
+
 # TRITON_INTERPRET=1 runs the kernels on CPU tensors through Triton's interpreter (the CPU tests).
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 KERNEL_HEAD_DIMS = (64, 128)
@@ -177,9 +186,12 @@ if _HAVE_TRITON:
                      mask=offs_m[:, None] < Sq)
 
     @triton.jit
-    def _attn_bwd_prep_kernel(Out, DOut, Lse, Delta, Lse2, H, Sq, stride_o, stride_do,
+    def _attn_bwd_prep_kernel(Out, DOut, Lse, Delta, Lse2, H, Sq, Sq_pad, stride_o, stride_do,
                               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-        """Delta = rowsum(dO * O) and lse in log2 units, both [B, H, Sq] fp32."""
+        """Delta = rowsum(dO * O) and lse in log2 units, both [B*H, Sq_pad] fp32.
+
+        Rows Sq .. Sq_pad-1 (padding the Gluon backward loads by TMA) get lse +inf and delta 0.
+        """
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -191,10 +203,10 @@ if _HAVE_TRITON:
         o = tl.load(Out + rows[:, None] * stride_o + col + offs_d[None, :], mask=valid[:, None], other=0.0)
         do = tl.load(DOut + rows[:, None] * stride_do + col + offs_d[None, :], mask=valid[:, None], other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        base = pid_bh.to(tl.int64) * Sq
-        tl.store(Delta + base + offs_m, delta, mask=valid)
-        lse = tl.load(Lse + base + offs_m, mask=valid, other=0.0)
-        tl.store(Lse2 + base + offs_m, lse * 1.4426950408889634, mask=valid)
+        lse = tl.load(Lse + pid_bh.to(tl.int64) * Sq + offs_m, mask=valid, other=float("inf"))
+        base = pid_bh.to(tl.int64) * Sq_pad
+        tl.store(Delta + base + offs_m, delta, mask=offs_m < Sq_pad)
+        tl.store(Lse2 + base + offs_m, lse * 1.4426950408889634, mask=offs_m < Sq_pad)
 
     @triton.jit
     def _attn_bwd_kernel(desc_q, desc_k, desc_v, desc_do, desc_dq, DQacc, DK, DV, Lse2, Delta,
@@ -456,17 +468,212 @@ if _HAVE_GLUON:
                               n_tiles)),
         ], [4, 1], [240, 24])
 
-    _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+    _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
     # Measured on an H100 (BENCH.md): 64 queries per warpgroup, 128-key tiles and 3 K/V buffers
     # (224 KB of shared memory) with the ping-pong: -2 % to +15 % against 2 buffers without it (the
     # longer the sequence, the larger the gain); 64-key tiles lose ~15 %.
     GLUON_FWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, NUM_BUF=3)
 
-    def _gl_desc(x, rows):
-        """Gluon TMA descriptor over x [B, S, H, D] as 3-D [B, S, H*D] with [1, rows, D] tiles."""
+    def _gl_desc(x, rows, cols=None):
+        """Gluon TMA descriptor over x [B, S, H, D] as 3-D [B, S, H*D] with [1, rows, cols (D)] tiles."""
         B, S, H, D = x.shape
-        layout = gl.NVMMASharedLayout.get_default_for([1, rows, D], _GL_DTYPES[x.dtype])
-        return GluonTensorDescriptor(x, [B, S, H * D], [x.stride(0), x.stride(1), 1], [1, rows, D], layout)
+        cols = cols or D
+        layout = gl.NVMMASharedLayout.get_default_for([1, rows, cols], _GL_DTYPES[x.dtype])
+        return GluonTensorDescriptor(x, [B, S, H * D], [x.stride(0), x.stride(1), 1], [1, rows, cols], layout)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3c. Hopper backward in Gluon (warp-specialised, FlashAttention-3's partition)
+# ---------------------------------------------------------------------------------------------------
+# One CTA owns 2 x 64 keys of one (batch, head) and walks all query tiles of 64 rows:
+#   - a loader warp streams Q, dO and that tile's lse / delta (padded rows: +inf / 0) through TMA into
+#     NUM_BUF shared buffers;
+#   - two consumer warpgroups (240 registers) own 64 keys each, with dK and dV in registers. Per tile:
+#     S^T = K Q^T and dP^T = V dO^T (wgmma from shared memory), P^T = exp2(S^T - lse), dS^T =
+#     P^T (dP^T - delta); P^T and dS^T go to shared memory, so dV += P^T dO and dK += dS^T Q read both
+#     operands from there and no register operand stays pinned while a wgmma is in flight (pinning them
+#     is what made an earlier version spill 450 bytes and run at 0.6x cuDNN);
+#   - dQ = dS K needs both warpgroups' dS: they meet at an mbarrier, and each computes half of dQ's
+#     columns over all 128 keys into a shared fp32 tile;
+#   - a dQ-writer warp adds those tiles into the fp32 dQ buffer with TMA reduce-add, so the consumers
+#     never wait for global memory.
+# 198 KB of shared memory, 12 warps. Measured on an H100 (BENCH.md): 0.88-0.96x cuDNN's backward and
+# 1.24-1.35x the Triton kernel above; used for the `triton` backend and ring attention on sm_90 when the
+# keys give enough CTAs to fill the GPU (cross-attention's 512 keys take the Triton kernel, which also
+# splits the queries).
+if _HAVE_GLUON_BWD:
+
+    @_gluon_builtin
+    def _gl_tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+        """TMA reduce-add of a shared-memory tile into global memory (cp.reduce.async.bulk.tensor)."""
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(_triton_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                  src.handle)
+
+    @gluon.jit
+    def _gl_bwd_loader(desc_q, desc_do, desc_lse, desc_delta, q_bufs, do_bufs, lse_bufs, delta_bufs, q_ready,
+                       q_empty, b, col, vec0, n_tiles):
+        """Loader warp: Q, dO, lse and delta of every query tile into the ring."""
+        NUM_BUF: gl.constexpr = q_bufs.type.shape[0]
+        BLOCK_M: gl.constexpr = q_bufs.type.shape[2]
+        for j in range(n_tiles):
+            idx = j % NUM_BUF
+            mbarrier.wait(q_empty.index(idx), ((j // NUM_BUF) & 1) ^ 1)
+            bar = q_ready.index(idx)
+            mbarrier.expect(bar, desc_q.block_type.nbytes + desc_do.block_type.nbytes
+                            + desc_lse.block_type.nbytes + desc_delta.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_q, [b, j * BLOCK_M, col], bar, q_bufs.index(idx))
+            tma.async_copy_global_to_shared(desc_do, [b, j * BLOCK_M, col], bar, do_bufs.index(idx))
+            tma.async_copy_global_to_shared(desc_lse, [vec0 + j * BLOCK_M], bar, lse_bufs.index(idx))
+            tma.async_copy_global_to_shared(desc_delta, [vec0 + j * BLOCK_M], bar, delta_bufs.index(idx))
+
+    @gluon.jit
+    def _gl_bwd_dq_writer(desc_dq, dq_bufs, dq_full, dq_empty, b, col, n_tiles):
+        """dQ-writer warp: add each warpgroup's dQ half-tile into global memory (TMA reduce-add)."""
+        BLOCK_M: gl.constexpr = dq_bufs.type.shape[2]
+        DQ_COLS: gl.constexpr = dq_bufs.type.shape[3]
+        for j in range(n_tiles):
+            for w in gl.static_range(2):
+                mbarrier.wait(dq_full.index(w), j & 1)
+                _gl_tma_reduce_add(desc_dq, [b, j * BLOCK_M, col + w * DQ_COLS], dq_bufs.index(w))
+                tma.store_wait(0)  # the tile has been read: the warpgroup may write the next one
+                mbarrier.arrive(dq_empty.index(w), count=1)
+
+    @gluon.jit
+    def _gl_bwd_consumer(WG: gl.constexpr, desc_k, desc_v, desc_dk, desc_dv, lse_bufs, delta_bufs, q_bufs,
+                         do_bufs, k_all, v_bufs, p_bufs, ds_all, dq_bufs, q_ready, q_empty, kv_bar, ds_ready,
+                         ds_free, dq_full, dq_empty, b, n0, col, n_tiles, qk_scale, sm_scale,
+                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Consumer warpgroup WG: keys n0 + WG*BLOCK_N .. +BLOCK_N (dK, dV) and dQ's columns WG*D/2 .. +D/2."""
+        NUM_BUF: gl.constexpr = q_bufs.type.shape[0]
+        DQ_COLS: gl.constexpr = HEAD_DIM // 2
+        dtype: gl.constexpr = desc_k.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_M, 16])
+        d_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        q_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, DQ_COLS, 16])
+        col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)  # one value per query of the tile
+
+        # This warpgroup's K and V rows; TMA zero-fills keys past S_k (their dQ share is then 0).
+        k_smem = k_all.slice(WG * BLOCK_N, BLOCK_N, dim=1)
+        v_smem = v_bufs.index(WG)
+        key0 = n0 + WG * BLOCK_N
+        mbarrier.expect(kv_bar.index(WG), 2 * desc_k.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_k, [b, key0, col], kv_bar.index(WG), k_smem)
+        tma.async_copy_global_to_shared(desc_v, [b, key0, col], kv_bar.index(WG), v_smem)
+        k2 = k_all.reshape([2 * BLOCK_N, HEAD_DIM]).slice(WG * BLOCK_N, BLOCK_N, dim=0)  # [BN, D]
+        v2 = v_smem.reshape([BLOCK_N, HEAD_DIM])
+        k_cols = k_all.reshape([2 * BLOCK_N, HEAD_DIM]).slice(WG * DQ_COLS, DQ_COLS, dim=1)  # [2BN, D/2]
+        ds_mine = ds_all.slice(WG * BLOCK_N, BLOCK_N, dim=0)  # [BN, BM]
+        p_smem = p_bufs.index(WG)  # [BN, BM]
+        dq_smem = dq_bufs.index(WG).reshape([BLOCK_M, DQ_COLS])
+        mbarrier.wait(kv_bar.index(WG), 0)
+
+        dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
+        dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
+        s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+        for j in range(n_tiles):
+            idx = j % NUM_BUF
+            mbarrier.wait(q_ready.index(idx), (j // NUM_BUF) & 1)
+            q_t = q_bufs.index(idx).reshape([BLOCK_M, HEAD_DIM])
+            do_t = do_bufs.index(idx).reshape([BLOCK_M, HEAD_DIM])
+            sT = warpgroup_mma(k2, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)  # [BN, BM]
+            dpT = warpgroup_mma(v2, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)  # [BN, BM]
+            sT = warpgroup_mma_wait(1, deps=(sT,))
+            pT = gl.exp2(sT * qk_scale - lse_bufs.index(idx).load(col_layout)[None, :])  # padded rows: 0
+            p_smem.store(pT.to(dtype))
+            fence_async_shared()
+            dv = warpgroup_mma(p_smem, do_t, dv, is_async=True)
+            dpT = warpgroup_mma_wait(1, deps=(dpT,))
+            dsT = (pT * (dpT - delta_bufs.index(idx).load(col_layout)[None, :])).to(dtype)  # no softmax scale
+            mbarrier.wait(ds_free, (j & 1) ^ 1)  # both warpgroups' dQ of the previous tile have read ds_all
+            ds_mine.store(dsT)
+            fence_async_shared()
+            mbarrier.arrive(ds_ready, count=1)
+            dk = warpgroup_mma(ds_mine, q_t, dk, is_async=True)
+            mbarrier.wait(ds_ready, j & 1)  # the other warpgroup's dS^T rows are in place
+            dq = warpgroup_mma(ds_all.permute((1, 0)), k_cols, gl.zeros([BLOCK_M, DQ_COLS], gl.float32, q_layout),
+                               use_acc=False, is_async=True)  # [BM, D/2] over all 2 x BLOCK_N keys
+            dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
+            mbarrier.arrive(ds_free, count=1)
+            mbarrier.arrive(q_empty.index(idx), count=1)
+            mbarrier.wait(dq_empty.index(WG), (j & 1) ^ 1)  # the writer has sent the previous tile
+            dq_smem.store(dq)
+            fence_async_shared()
+            mbarrier.arrive(dq_full.index(WG), count=1)
+
+        # K and V are no longer read: their buffers stage dK and dV for the TMA stores (clipped at S_k).
+        k2.store((dk * sm_scale).to(dtype))
+        v2.store(dv.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc_dk, [b, key0, col], k_smem)
+        tma.async_copy_shared_to_global(desc_dv, [b, key0, col], v_smem)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _gl_attn_bwd_kernel(desc_q, desc_do, desc_k, desc_v, desc_dk, desc_dv, desc_dq, desc_lse, desc_delta,
+                            H, Sq, Sq_pad, qk_scale, sm_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                            BLOCK_N: gl.constexpr, NUM_BUF: gl.constexpr, BAR_N: gl.constexpr):
+        """One program = 2 x BLOCK_N keys of one (batch, head); dk, dv [B,Sk,H,D], dQ added to fp32."""
+        pid_n = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        b = pid_bh // H
+        col = (pid_bh % H) * HEAD_DIM
+        n0 = pid_n * (2 * BLOCK_N)
+        n_tiles = gl.cdiv(Sq, BLOCK_M)
+        dtype: gl.constexpr = desc_q.dtype
+        q_bufs = gl.allocate_shared_memory(dtype, [NUM_BUF] + desc_q.block_type.shape, desc_q.layout)
+        do_bufs = gl.allocate_shared_memory(dtype, [NUM_BUF] + desc_do.block_type.shape, desc_do.layout)
+        lse_bufs = gl.allocate_shared_memory(gl.float32, [NUM_BUF] + desc_lse.block_type.shape, desc_lse.layout)
+        delta_bufs = gl.allocate_shared_memory(gl.float32, [NUM_BUF] + desc_delta.block_type.shape,
+                                               desc_delta.layout)
+        k_all = gl.allocate_shared_memory(dtype, [1, 2 * BLOCK_N, HEAD_DIM], desc_k.layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [2] + desc_v.block_type.shape, desc_v.layout)
+        p_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
+        ds_all = gl.allocate_shared_memory(dtype, [2 * BLOCK_N, BLOCK_M],
+                                           gl.NVMMASharedLayout.get_default_for([2 * BLOCK_N, BLOCK_M], dtype))
+        dq_bufs = gl.allocate_shared_memory(gl.float32, [2] + desc_dq.block_type.shape, desc_dq.layout)
+        bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+        q_ready = gl.allocate_shared_memory(gl.int64, [BAR_N, 1], bar_layout)
+        q_empty = gl.allocate_shared_memory(gl.int64, [BAR_N, 1], bar_layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+        dq_full = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+        dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+        ds_ready = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        ds_free = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        for i in gl.static_range(NUM_BUF):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)  # both consumers release a slot
+        for i in gl.static_range(2):
+            mbarrier.init(kv_bar.index(i), count=1)
+            mbarrier.init(dq_full.index(i), count=1)
+            mbarrier.init(dq_empty.index(i), count=1)
+        mbarrier.init(ds_ready, count=2)
+        mbarrier.init(ds_free, count=2)
+        gl.warp_specialize([
+            (_gl_bwd_consumer, (0, desc_k, desc_v, desc_dk, desc_dv, lse_bufs, delta_bufs, q_bufs, do_bufs, k_all,
+                                v_bufs, p_bufs, ds_all, dq_bufs, q_ready, q_empty, kv_bar, ds_ready, ds_free,
+                                dq_full, dq_empty, b, n0, col, n_tiles, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
+                                HEAD_DIM)),
+            (_gl_bwd_consumer, (1, desc_k, desc_v, desc_dk, desc_dv, lse_bufs, delta_bufs, q_bufs, do_bufs, k_all,
+                                v_bufs, p_bufs, ds_all, dq_bufs, q_ready, q_empty, kv_bar, ds_ready, ds_free,
+                                dq_full, dq_empty, b, n0, col, n_tiles, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
+                                HEAD_DIM)),
+            (_gl_bwd_loader, (desc_q, desc_do, desc_lse, desc_delta, q_bufs, do_bufs, lse_bufs, delta_bufs,
+                              q_ready, q_empty, b, col, pid_bh * Sq_pad, n_tiles)),
+            (_gl_bwd_dq_writer, (desc_dq, dq_bufs, dq_full, dq_empty, b, col, n_tiles)),
+        ], [4, 1, 1], [240, 24, 24])
+
+    # 64 keys per warpgroup, 64-row query tiles, 2 Q/dO buffers (198 KB of shared memory; 3 do not fit).
+    GLUON_BWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, NUM_BUF=2)
+
+    def _gl_vec_desc(x, block):
+        """1-D Gluon TMA descriptor over a contiguous fp32 tensor, [block] tiles."""
+        layout = gl.NVMMASharedLayout.get_default_for([block], gl.float32)
+        return GluonTensorDescriptor(x, [x.numel()], [1], [block], layout)
 
 
 def gluon_available(x=None):
@@ -495,6 +702,49 @@ def _gluon_forward(q, k, v, config=None):
                               BLOCK_N=bn, NUM_BUF=cfg["NUM_BUF"], BAR_N=triton.next_power_of_2(cfg["NUM_BUF"]),
                               num_warps=4, maxnreg=168)
     return out, lse
+
+
+def gluon_backward_available(x=None):
+    """True when the Gluon backward can run: the forward's conditions and Triton's TMA reduce op."""
+    return _HAVE_GLUON_BWD and gluon_available(x)
+
+
+def _gluon_backward_suits(q, k):
+    """Gluon backward for this call? sm_90, and enough key tiles to give every SM a CTA; otherwise the
+    Triton kernel, which also splits the queries (cross-attention's 512 keys: 4 CTAs per head)."""
+    if not gluon_backward_available(q):
+        return False
+    programs = triton.cdiv(k.shape[1], 2 * GLUON_BWD_CONFIG["BLOCK_N"]) * q.shape[0] * q.shape[2]
+    return programs >= torch.cuda.get_device_properties(q.device).multi_processor_count
+
+
+def _gluon_backward(dout, q, k, v, out, lse, config=None):
+    """Gluon backward: (dq, dk, dv) in the inputs' dtype, the same contract as _triton_backward."""
+    _check_inputs(q, k, v)
+    q, k, v, out, dout = _rows(q), _rows(k), _rows(v), _rows(out), _rows(dout.to(q.dtype))
+    cfg = dict(GLUON_BWD_CONFIG, **(config or {}))
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    Sq_pad = triton.cdiv(Sq, bm) * bm  # whole query tiles for the loader's lse / delta TMA reads
+    delta = torch.empty((B * H, Sq_pad), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
+    _attn_bwd_prep_kernel[(triton.cdiv(Sq_pad, 64), B * H)](
+        out, dout, lse.float().contiguous(), delta, lse2, H, Sq, Sq_pad, out.stride(1), dout.stride(1),
+        HEAD_DIM=D, BLOCK_M=64)
+    dq_acc = torch.zeros((B, Sq, H, D), dtype=torch.float32, device=q.device)  # dQ / softmax scale
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    sm_scale = 1.0 / math.sqrt(D)
+    grid = (triton.cdiv(Sk, 2 * bn), B * H)
+    # 12 warps at launch (2 consumer warpgroups + 1 for the loader and dQ-writer warps), 168 registers
+    # each; setmaxnreg then moves them to the consumers (240 + 240 + 24 per thread of each warpgroup).
+    _gl_attn_bwd_kernel[grid](_gl_desc(q, bm), _gl_desc(dout, bm), _gl_desc(k, bn), _gl_desc(v, bn),
+                              _gl_desc(dk, bn), _gl_desc(dv, bn), _gl_desc(dq_acc, bm, D // 2),
+                              _gl_vec_desc(lse2, bm), _gl_vec_desc(delta, bm), H, Sq, Sq_pad,
+                              sm_scale * 1.4426950408889634, sm_scale, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
+                              NUM_BUF=cfg["NUM_BUF"], BAR_N=triton.next_power_of_2(cfg["NUM_BUF"]),
+                              num_warps=4, maxnreg=168)
+    return (dq_acc * sm_scale).to(q.dtype), dk, dv
 
 
 def triton_available():
@@ -589,7 +839,7 @@ def _triton_backward(dout, q, k, v, out, lse, config=None, q_split=None):
     delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     _attn_bwd_prep_kernel[(triton.cdiv(Sq, 64), B * H)](
-        out, dout, lse, delta, lse2, H, Sq, out.stride(1), dout.stride(1), HEAD_DIM=D, BLOCK_M=64)
+        out, dout, lse, delta, lse2, H, Sq, Sq, out.stride(1), dout.stride(1), HEAD_DIM=D, BLOCK_M=64)
 
     split = q_split or _query_split(Sq, Sk, B, H, q.device)
     q_chunk = triton.cdiv(triton.cdiv(Sq, split), 128) * 128  # whole query tiles for any BLOCK_M
@@ -642,6 +892,8 @@ def attention_forward(q, k, v):
 def attention_backward(dout, q, k, v, out, lse):
     """Backward primitive used by ring attention: (dq, dk, dv) in the inputs' dtype."""
     if _use_kernels(q):
+        if _gluon_backward_suits(q, k):
+            return _gluon_backward(dout, q, k, v, out, lse)
         return _triton_backward(dout, q, k, v, out, lse)
     compute = torch.promote_types(q.dtype, torch.float32)
     k32, v32 = k.to(compute), v.to(compute)

@@ -46,8 +46,9 @@ def sdpa(q, k, v):
 def bench_impl(name, q, k, v, do):
     """(forward ms, backward ms) of one implementation.
 
-    ours: what attention.py runs (Gluon forward on sm_90, Triton backward); triton: the plain Triton
-    forward that other GPUs get (same backward); cudnn / flash: SDPA forced to that backend; default:
+    ours: what attention.py's `triton` backend runs (on sm_90 the Gluon forward and, when the keys fill
+    the GPU, the Gluon backward); triton: the plain Triton kernels other GPUs get (forward and backward,
+    gluon_available() off); cudnn / flash: SDPA forced to that backend; default:
     SDPA with PyTorch's own choice (what train.py's attention_backend=sdpa runs).
     """
     backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}.get(name)

@@ -3,9 +3,9 @@
 CPU: the kernels run in Triton's interpreter (TRITON_INTERPRET=1 must be set before triton is
 imported, so that part runs in a subprocess); fp32 and fp16 only, the interpreter mis-reads bf16.
 GPU (skipped without CUDA): bf16 errors must stay within 1.5x of SDPA's on the same inputs, for the
-Triton forward and the Gluon (Hopper) forward. The Gluon kernel cannot run in the interpreter; on
-CPU it is compiled for sm_90 instead, which checks that it builds with the pinned Triton and keeps the
-properties its speed depends on (wgmma, TMA, setmaxnreg, no register spills).
+Triton kernels and the Gluon (Hopper) forward and backward. Gluon kernels cannot run in the interpreter;
+on CPU they are compiled for sm_90 instead, which checks that they build with the pinned Triton and keep
+the properties their speed depends on (wgmma, TMA, setmaxnreg, few or no register spills).
 """
 
 import json
@@ -74,6 +74,21 @@ ref.backward(torch.ones_like(ref))
 errs = {"out": rel(out.detach(), ref.detach())}
 errs.update({n: rel(t.grad, r.grad) for n, t, r in zip(("dq", "dk", "dv"), (q, k, v), (q64, k64, v64))})
 print(json.dumps({"case": "autograd", "errs": errs}))
+
+# The backward's preprocessing with padded rows (what the Gluon backward's loader reads by TMA):
+# delta = rowsum(dO * O) and lse in log2 units for the Sq real rows; +inf and 0 in the padding.
+B, Sq, H, D, Sq_pad = 2, 70, 3, 64, 128
+o, do = (torch.randn(B, Sq, H, D) for _ in range(2))
+lse = torch.randn(B, H, Sq)
+delta, lse2 = (torch.full((B * H, Sq_pad), 7.0) for _ in range(2))
+A._attn_bwd_prep_kernel[(Sq_pad // 64, B * H)](o, do, lse, delta, lse2, H, Sq, Sq_pad, o.stride(1), do.stride(1),
+                                              HEAD_DIM=D, BLOCK_M=64)
+ref_delta = (o.double() * do.double()).sum(-1).transpose(1, 2).reshape(B * H, Sq)
+ref_lse2 = lse.double().reshape(B * H, Sq) * 1.4426950408889634
+print(json.dumps({"case": "prep", "delta": (delta[:, :Sq].double() - ref_delta).abs().max().item(),
+                  "lse2": (lse2[:, :Sq].double() - ref_lse2).abs().max().item(),
+                  "pad_delta_zero": bool((delta[:, Sq:] == 0).all()),
+                  "pad_lse_inf": bool(torch.isinf(lse2[:, Sq:]).all() and (lse2[:, Sq:] > 0).all())}))
 """
 
 # fp32 math in the kernels lands far below 1e-5; fp16 operands (p and dS rounded to fp16) near 3e-4.
@@ -86,7 +101,10 @@ def test_kernels_in_interpreter_match_float64():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 5, proc.stdout
+    assert len(results) == 6, proc.stdout
+    prep = results.pop()
+    assert prep["delta"] < 1e-4 and prep["lse2"] < 1e-5, prep
+    assert prep["pad_delta_zero"] and prep["pad_lse_inf"], prep
     for res in results[:-1]:
         B, Sq, Sk, H, D, dt = res["case"]
         assert res["lse_dtype"] == "torch.float32" and res["lse_shape"] == [B, H, Sq]

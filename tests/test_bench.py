@@ -13,6 +13,7 @@ import bench
 import model
 import train
 from _dist import run_gloo
+from test_train import demo_dit_inputs
 from model import build_dit, dit_config
 
 
@@ -119,10 +120,8 @@ def test_attention_recomputed_flag_matches_what_checkpointing_does():
         calls["n"] += 1
         return forward(q, k, v)
 
-    g = torch.Generator().manual_seed(1)
-    V, T, H, W = 2, 2, 4, 6
-    inputs = (torch.randn(1, 16, V * T, H, W, generator=g), torch.rand(1, V * T, generator=g),
-              torch.randn(1, V * 512, 64, generator=g), torch.zeros(1, 1, V * T, H, W))
+    V = 2
+    inputs = demo_dit_inputs(1, V)
     attention.attention_forward = counting
     attention.set_backend("triton")  # on the CPU the Triton wrapper runs the reference math inside
     try:

@@ -18,16 +18,14 @@ import attention
 import bench
 import train
 from model import build_dit
-from test_train import CountOps
+from test_train import CountOps, demo_dit_inputs
 
 SDPA_FWD = "aten::_scaled_dot_product_flash_attention_for_cpu"  # what F.scaled_dot_product_attention runs on CPU
 
 
 def test_saved_attention_blocks_recompute_exactly_the_other_blocks():
-    g = torch.Generator().manual_seed(1)
-    V, T, H, W = 3, 2, 4, 6
-    inputs = (torch.randn(1, 16, V * T, H, W, generator=g), torch.rand(1, V * T, generator=g),
-              torch.randn(1, V * 512, 64, generator=g), torch.zeros(1, 1, V * T, H, W))
+    V = 3
+    inputs = demo_dit_inputs(1, V)
     grads, calls = {}, {}
     for mode, saved in (("none", -1), ("save_attention", 0), ("save_attention", 1), ("save_attention", 3),
                         ("save_attention", -1)):
@@ -134,10 +132,8 @@ def test_compiled_blocks_keep_our_attention_op_and_never_trace_its_kernels(monke
     monkeypatch.setattr(attention, "attention_forward", counting("forward", forward))
     monkeypatch.setattr(attention, "attention_backward", counting("backward", backward))
     attention.set_backend("triton-cudnn")
-    g = torch.Generator().manual_seed(1)
-    V, T, H, W = 2, 2, 4, 6
-    inputs = (torch.randn(1, 16, V * T, H, W, generator=g), torch.rand(1, V * T, generator=g),
-              torch.randn(1, V * 512, 64, generator=g), torch.zeros(1, 1, V * T, H, W))
+    V = 2
+    inputs = demo_dit_inputs(1, V)
     grads, counts = {}, {}
     try:
         for compiled in (False, True):

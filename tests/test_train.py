@@ -232,12 +232,17 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def demo_dit_inputs(seed, V, T=2, H=4, W=6):
+    """Inputs of one demo-DiT forward: latent, timesteps, caption embeddings (V x 512), condition mask."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, 16, V * T, H, W, generator=g), torch.rand(1, V * T, generator=g),
+            torch.randn(1, V * 512, 64, generator=g), torch.zeros(1, 1, V * T, H, W))
+
+
 def test_activation_checkpointing_recomputes_all_but_attention_with_identical_gradients():
     grads, attention_calls = {}, {}
-    g = torch.Generator().manual_seed(1)
-    V, T, H, W = 3, 2, 4, 6
-    inputs = (torch.randn(1, 16, V * T, H, W, generator=g), torch.rand(1, V * T, generator=g),
-              torch.randn(1, V * 512, 64, generator=g), torch.zeros(1, 1, V * T, H, W))
+    V = 3
+    inputs = demo_dit_inputs(1, V)
     for mode in ("none", "full", "save_attention"):
         torch.manual_seed(0)
         net = build_dit("demo", dtype=torch.float32)
@@ -258,10 +263,7 @@ def test_activation_checkpointing_recomputes_all_but_attention_with_identical_gr
 
 def test_uncheckpointed_blocks_skip_the_recompute_of_the_last_blocks():
     """uncheckpointed_blocks=U: the last U blocks run once (no recompute), same gradients as 'none'."""
-    g = torch.Generator().manual_seed(2)
-    V, T, H, W = 2, 2, 4, 6
-    inputs = (torch.randn(1, 16, V * T, H, W, generator=g), torch.rand(1, V * T, generator=g),
-              torch.randn(1, V * 512, 64, generator=g), torch.zeros(1, 1, V * T, H, W))
+    inputs = demo_dit_inputs(2, V=2)
     mm, grads = {}, {}
     for mode, plain in (("none", 0), ("full", 0), ("full", 1), ("full", 4), ("save_attention", 3)):
         torch.manual_seed(0)

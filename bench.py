@@ -1,6 +1,6 @@
 """Benchmark post-training: real training iterations of the 2B multiview DiT, attention kernels, VAE, sampling.
 
-    python bench.py                                   # everything on one GPU (~10 min on an H100)
+    python bench.py                                   # everything on one GPU (~20 min on an H100)
     torchrun --nproc_per_node=8 bench.py --setups 720p-7v   # data parallel over the GPUs torchrun gives
     torchrun --nproc_per_node=2 bench.py --runs 480p-5v:triton:1:1 --cp 2   # context parallel: 2 GPUs, one sample
     python bench.py --runs 480p-5v:triton:1:3 480p-5v:sdpa:1:3   # SETUP:BACKEND[:WARMUP:ITERS][:compile]
@@ -763,8 +763,8 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: demo DiT, tiny VAE, tiny shapes")
     p.add_argument("--setups", nargs="*", help=f"training setups (default all but tiny): {list(SETUPS)}")
     p.add_argument("--backends", nargs="*", help=f"attention backends for training {BACKENDS} "
-                                                 "(default: triton and sdpa on CUDA -- the last one also runs 720p-7v and LoRA; "
-                                                 "sdpa and reference on CPU)")
+                                                 "(default on Hopper: sdpa eager and triton-cudnn compiled -- the last one also "
+                                                 "runs 720p-7v and LoRA; sdpa and reference on CPU)")
     p.add_argument("--plan", action="append", default=[], metavar="SETUP=AC:OFFLOAD[:BLOCKS]",
                    help="force a memory plan, e.g. 720p-5v=full:all; BLOCKS: save_attention in the first BLOCKS "
                         "blocks only (720p-5v=save_attention:ema:14); repeat for fallbacks, tried in order")
@@ -825,17 +825,29 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def default_runs(setups, backends, tiny, warmup, iters, compile, kernels):
+    """The training runs of a plain `python bench.py`: [(setup, backend, warmup, iters, compiled)].
+
+    On a GPU with our kernels: what a user would otherwise pick (SDPA, eager) beside ours as train.py runs
+    fastest (triton-cudnn, what attention_backend=auto picks on Hopper: our Gluon forward + cuDNN's
+    backward; compiled blocks). The longest setup and LoRA run once, with the last (preferred) backend.
+    --backends replaces the pair (compiled only with --compile).
+    """
+    ours = "triton-cudnn" if kernels and not tiny else None
+    chosen = backends or (["sdpa", "reference"] if tiny else ["sdpa"] + ([ours] if ours else []))
+    return [(s, b, warmup, iters, compile or (not backends and b == ours)) for s in setups for b in chosen
+            if tiny or not (s == "720p-7v" or s.startswith("lora")) or b == chosen[-1]]
+
+
 def _main(p, args, plans, runs, rank, world, device):
     """main() inside the process group: check the runs, build the dp x cp groups, run the sections."""
     tiny = args.tiny or device.type != "cuda"
     if tiny and not args.tiny:
         print("no GPU: running the --tiny CPU smoke test")
     setups = args.setups if args.setups is not None else (["tiny"] if tiny else [s for s in SETUPS if s != "tiny"])
-    backends = args.backends or (["sdpa", "reference"] if tiny else
-                                 (["triton", "sdpa"] if attention.triton_available() else ["sdpa"]))
-    if args.runs is None:  # the longest setup and LoRA run once, with the last (preferred) backend
-        runs = [(s, b, args.warmup, args.iters, args.compile) for s in setups for b in backends
-                if tiny or not (s == "720p-7v" or s.startswith("lora")) or b == backends[-1]]
+    if args.runs is None:
+        runs = default_runs(setups, args.backends, tiny, args.warmup, args.iters, args.compile,
+                            attention.triton_available())
     for setup, backend, _, _, compiled in runs:  # refused now, not after the kernel and VAE sections
         if setup not in SETUPS or backend not in BACKENDS:
             p.error(f"unknown run {setup}:{backend}; setups {list(SETUPS)}, backends {BACKENDS}")

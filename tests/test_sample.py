@@ -451,6 +451,22 @@ def test_context_parallel_sampling_equals_one_process(tmp_path):
         assert got.shape == ref.shape and rel(got, ref) < 1e-5, r
 
 
+def _decode_worker(rank, world, path):
+    latent = torch.randn(1, 16, 3 * T_LAT, 4, 6, generator=torch.Generator().manual_seed(5))
+    torch.save(sample.decode_views(tiny_vae(), latent, 3, dist.group.WORLD), f"{path}.{rank}")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_context_parallel_decoding_spreads_the_views(world, tmp_path):
+    """Under cp every rank decodes some of the views (none when cp > views) and gets the whole video."""
+    latent = torch.randn(1, 16, 3 * T_LAT, 4, 6, generator=torch.Generator().manual_seed(5))
+    ref = sample.decode_views(tiny_vae(), latent, 3)
+    run_gloo(_decode_worker, world, str(tmp_path / "video"))
+    for r in range(world):
+        got = torch.load(tmp_path / f"video.{r}", weights_only=True)
+        assert got.shape == ref.shape and torch.equal(got, ref), r
+
+
 def test_benchmark_runs_and_projects_the_full_schedule():
     """The GPU benchmark's bookkeeping, on CPU with the demo model: 1 warm-up + 2 timed steps of 6."""
     r = sample.benchmark_sampling(n_views=2, height=16, width=32, num_frames=5, steps=6, timed_steps=2,

@@ -1078,9 +1078,6 @@ def train_step(net, vae, batch, optimizer, scheduler, ema, iteration, config, tr
     loss.backward()
     mark("forward_backward")
     grad_norm = clip_gradients(trainable_params, config["grad_clip"], device)
-    loss = loss.detach().clone()
-    dist.all_reduce(loss)  # sum (gloo has no average); the mean of equal-sized shard means = the batch mean
-    loss = loss.item() / dist.get_world_size()
     beta = ema_beta(iteration, config["ema_rate"])
 
     def step():
@@ -1093,6 +1090,9 @@ def train_step(net, vae, batch, optimizer, scheduler, ema, iteration, config, tr
         optimizer.pending_step = _step_thread.submit(step)
     else:
         step()
+    loss = loss.detach().clone()
+    dist.all_reduce(loss)  # sum (gloo has no average); the mean of equal-sized shard means = the batch mean
+    loss = loss.item() / dist.get_world_size()
     mark("optimizer")  # clip, AdamW, schedule, EMA (offloaded EMA or offload=all: they finish in the background)
     return loss, grad_norm
 

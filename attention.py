@@ -704,9 +704,14 @@ def _gluon_forward(q, k, v, config=None):
     return out, lse
 
 
+# COSMOS_MV_GLUON_BACKWARD=0 keeps the Triton backward everywhere (ring attention included), e.g. to
+# compare the two or to rule the newer kernel out when chasing a numerical problem.
+_GLUON_BACKWARD_ON = os.environ.get("COSMOS_MV_GLUON_BACKWARD", "1") != "0"
+
+
 def gluon_backward_available(x=None):
     """True when the Gluon backward can run: the forward's conditions and Triton's TMA reduce op."""
-    return _HAVE_GLUON_BWD and gluon_available(x)
+    return _GLUON_BACKWARD_ON and _HAVE_GLUON_BWD and gluon_available(x)
 
 
 def _gluon_backward_suits(q, k):

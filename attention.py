@@ -35,12 +35,18 @@ def set_backend(name):
     _backend = name
 
 
-def attention(q, k, v, backend=None):
-    """Non-causal softmax attention on [B, S, H, D] tensors; returns [B, S_q, H, D]."""
+def resolve_backend(q, backend=None):
+    """The backend that runs for q: `backend` (default: the global one) with 'auto' decided."""
     backend = backend or _backend
     if backend == "auto":
         kernel_ok = q.shape[-1] in KERNEL_HEAD_DIMS and q.dtype in (torch.bfloat16, torch.float16)
         backend = "triton-cudnn" if (q.is_cuda and kernel_ok and triton_available()) else "sdpa"
+    return backend
+
+
+def attention(q, k, v, backend=None):
+    """Non-causal softmax attention on [B, S, H, D] tensors; returns [B, S_q, H, D]."""
+    backend = resolve_backend(q, backend)
     if backend == "sdpa":
         # SDPA wants [B, H, S, D]; the transposes are views, SDPA handles the strides.
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -988,7 +994,8 @@ def flash_attention(q, k, v, cudnn_backward=False):
 # step is the same work and the arrival order does not matter (no zigzag layout needed).
 #
 # Backward: the same ring again. Given the final out and lse of the whole sequence, the gradient
-# splits into a plain sum over K/V chunks of the primitive backward, with no renormalisation. dQ
+# splits into a plain sum over K/V chunks of the primitive backward (or of cuDNN's, which takes the same
+# global out and lse: the triton-cudnn pairing), with no renormalisation. dQ
 # accumulates locally. The dK/dV of a chunk travel one hop behind it, gaining each rank's
 # contribution, and after P hops land at the chunk's owner. All accumulation is fp32, including the
 # dK/dV that travel (twice the bytes of bf16, but no rounding at every hop); only the last hop, which
@@ -1091,11 +1098,16 @@ def _ring_forward(q, k, v, group, sizes):
     return out.to(q.dtype), lse
 
 
-def _ring_backward(dout, q, k, v, out, lse, group, sizes):
-    """Backward over the ring: (dq, dk, dv) of this rank's chunks, from the global out and lse."""
+def _ring_backward(dout, q, k, v, out, lse, group, sizes, cudnn_backward=False):
+    """Backward over the ring: (dq, dk, dv) of this rank's chunks, from the global out and lse.
+
+    cudnn_backward: each chunk's gradients from cuDNN's kernel, fed the global out and lse exactly as
+    our primitive is (the `triton-cudnn` pairing; no LSE is needed from a backward).
+    """
+    backward = _cudnn_backward if cudnn_backward else attention_backward
     rank, P, nxt, prv = _ring_layout(group)
     if P == 1:
-        return attention_backward(dout, q, k, v, out, lse)
+        return backward(dout, q, k, v, out, lse)
     numel = _kv_numel(k, sizes)
     kv_bufs = [torch.empty(numel, dtype=k.dtype, device=k.device) for _ in range(2)]
     dkv_bufs = [torch.empty(numel, dtype=torch.float32, device=k.device) for _ in range(2)]
@@ -1108,7 +1120,7 @@ def _ring_backward(dout, q, k, v, out, lse, group, sizes):
         if step < P - 1:
             kv_next = _kv_view(kv_bufs[(step + 1) % 2], sizes[(rank - step - 1) % P], k)
             kv_requests = _ring_step(kv, kv_next, nxt, prv, group, tag=2 * step)
-        dq_s, dk_s, dv_s = attention_backward(dout, q, kv[0], kv[1], out, lse)
+        dq_s, dk_s, dv_s = backward(dout, q, kv[0], kv[1], out, lse)
         dq.add_(dq_s)
         # dK/dV of the chunk held now: the running sum from the ranks before us, plus our share.
         dkv = _kv_view(dkv_bufs[step % 2], sizes[(rank - step) % P], k)
@@ -1161,56 +1173,62 @@ def _ring_group(group_name):
 
 @torch.library.custom_op("cosmos_mv::ring_attention", mutates_args=())
 def _ring_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str,
-                       kv_sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                       kv_sizes: list[int], cudnn_backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = _ring_forward(q.contiguous(), k.contiguous(), v.contiguous(), _ring_group(group_name),
                              tuple(kv_sizes))
     return out.contiguous(), lse.contiguous()
 
 
 @_ring_attention_op.register_fake
-def _(q, k, v, group_name, kv_sizes):
+def _(q, k, v, group_name, kv_sizes, cudnn_backward):
     B, Sq, H, _ = q.shape
     return q.new_empty(B, Sq, H, v.shape[-1]), q.new_empty(B, H, Sq, dtype=torch.float32)
 
 
 @torch.library.custom_op("cosmos_mv::ring_attention_backward", mutates_args=())
 def _ring_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                out: torch.Tensor, lse: torch.Tensor, group_name: str,
-                                kv_sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                out: torch.Tensor, lse: torch.Tensor, group_name: str, kv_sizes: list[int],
+                                cudnn_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = _ring_backward(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
-                           _ring_group(group_name), tuple(kv_sizes))
+                           _ring_group(group_name), tuple(kv_sizes), cudnn_backward)
     return tuple(g.contiguous() for g in grads)
 
 
 @_ring_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, group_name, kv_sizes):
+def _(dout, q, k, v, out, lse, group_name, kv_sizes, cudnn_backward):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _ring_attention_setup(ctx, inputs, output):
-    q, k, v, group_name, kv_sizes = inputs
+    q, k, v, group_name, kv_sizes, cudnn_backward = inputs
     ctx.save_for_backward(q, k, v, *output)  # the global out and lse: the backward recomputes nothing
     ctx.group_name, ctx.kv_sizes = group_name, list(kv_sizes)  # the name, not the group: tracing copies ctx
+    ctx.cudnn_backward = cudnn_backward
 
 
 def _ring_attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _ring_attention_backward_op(dout, q, k, v, out, lse, ctx.group_name, ctx.kv_sizes)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _ring_attention_backward_op(dout, q, k, v, out, lse, ctx.group_name, ctx.kv_sizes,
+                                             ctx.cudnn_backward)
+    return dq, dk, dv, None, None, None
 
 
 _ring_attention_op.register_autograd(_ring_attention_backward, setup_context=_ring_attention_setup)
 
 
-def ring_attention_with_lse(q, k, v, group=None, kv_sizes=None):
+def ring_attention_with_lse(q, k, v, group=None, kv_sizes=None, cudnn_backward=None):
     """Attention of local queries over the K/V of all ranks; returns (out [B,Sq,H,D], lse [B,H,Sq] fp32).
 
     q, k, v are this rank's chunks. kv_sizes, the K/V sequence length of every rank in group order,
     saves one all-gather (and a host sync) per call when the caller knows it (compiled callers must
     pass it). The lse is not differentiable. With group None or of size 1 this is plain attention
-    through the primitives.
+    through the primitives. The forward always runs our kernels (the merge needs each chunk's LSE);
+    the backward of every chunk runs cuDNN's kernel when cudnn_backward is set, by default when the
+    attention backend resolves to triton-cudnn (`auto` on Hopper), else ours.
     """
     _check_qkv(q, k, v)
+    if cudnn_backward is None:
+        cudnn_backward = resolve_backend(q) == "triton-cudnn"
     if kv_sizes is None:
         kv_sizes = _exchange_kv_sizes(k, group)
     kv_sizes = tuple(int(s) for s in kv_sizes)
@@ -1221,17 +1239,17 @@ def ring_attention_with_lse(q, k, v, group=None, kv_sizes=None):
         raise ValueError(f"ring_attention: kv_sizes {list(kv_sizes)} do not fit a ring of {P} ranks "
                          f"in which rank {rank} holds {k.shape[1]} keys (and every rank at least one)")
     if P == 1:
-        out, lse = _flash_attention_op(q, k, v)
+        out, lse = _flash_attention_op(q, k, v, cudnn_backward)
     else:
         if not torch.compiler.is_compiling():  # a registry write would break the graph: done eagerly only
             register_ring_group(group)
-        out, lse = _ring_attention_op(q, k, v, group.group_name, list(kv_sizes))
+        out, lse = _ring_attention_op(q, k, v, group.group_name, list(kv_sizes), cudnn_backward)
     return out, lse.detach()  # the lse is not differentiable
 
 
-def ring_attention(q, k, v, group=None, kv_sizes=None):
+def ring_attention(q, k, v, group=None, kv_sizes=None, cudnn_backward=None):
     """Context-parallel attention over a process group; returns this rank's out [B, Sq, H, D]."""
-    return ring_attention_with_lse(q, k, v, group, kv_sizes)[0]
+    return ring_attention_with_lse(q, k, v, group, kv_sizes, cudnn_backward)[0]
 
 
 # Sequence sharding for the multiview layout. The model's time axis is view-major "(V T)" (all T

@@ -122,6 +122,38 @@ def test_ring_matches_full_attention(world, tmp_path):
         assert torch.equal(results[r]["all_gather_views"], x)
 
 
+def _cudnn_backward_worker(rank, world, out_dir):
+    """The ring with cudnn_backward=True: every chunk's gradients go through attention._cudnn_backward."""
+    calls = []
+    cudnn = attention._cudnn_backward
+
+    def counting(*args):
+        calls.append(args[2].shape[1])  # the key chunk's length
+        return cudnn(*args)  # on the CPU: our primitive (cuDNN needs a GPU)
+
+    attention._cudnn_backward = counting
+    case = CASES_2["ragged"]
+    B, H, D, q_sizes, kv_sizes, _, dtype = case
+    q, k, v, dout = _inputs(1, B, H, D, q_sizes, kv_sizes, dtype)
+    q, k, v = (_local(x, s, rank).requires_grad_() for x, s in ((q, q_sizes), (k, kv_sizes), (v, kv_sizes)))
+    out, lse = attention.ring_attention_with_lse(q, k, v, dist.group.WORLD, cudnn_backward=True)
+    out.backward(_local(dout, q_sizes, rank))
+    torch.save({"res": {"out": out.detach(), "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad},
+                "calls": calls}, Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_ring_backward_can_run_cudnn_per_chunk(tmp_path):
+    """With cudnn_backward (what backend triton-cudnn / auto on Hopper selects) each of the P chunks'
+    backward goes to the cuDNN path, fed the global out and lse, and the gradients stay exact."""
+    run_gloo(_cudnn_backward_worker, 2, str(tmp_path))
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    _, _, _, q_sizes, kv_sizes, _, _ = CASES_2["ragged"]
+    for r, res in enumerate(results):  # rank r sees its own chunk, then the previous rank's
+        assert res["calls"] == [kv_sizes[r], kv_sizes[(r - 1) % 2]], (r, res["calls"])
+    _check("ragged via cudnn_backward", 1, CASES_2["ragged"], [res["res"] for res in results])
+    assert attention.resolve_backend(torch.zeros(1, 4, 2, 64)) == "sdpa"  # auto on the CPU: no kernels
+
+
 def test_no_group_is_plain_attention():
     """group=None runs the primitives directly and still matches the reference, gradients included."""
     case = (2, 2, 16, [11], [11], False, F32)

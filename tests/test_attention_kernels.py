@@ -306,3 +306,27 @@ def test_fallback_primitives_in_query_blocks_match_float64(monkeypatch, dtype):
     for got, want in ((out, out_ref), (lse, lse_ref), *zip(grads, grads_ref)):
         assert got.shape == want.shape
         assert ((got.double() - want).norm() / want.norm()).item() < tol
+
+
+def test_backward_dispatch_gluon_only_where_the_keys_fill_the_gpu(monkeypatch):
+    """attention_backward: the Gluon kernel when there are >= one CTA of 128 keys per SM, else Triton's."""
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(attention, "gluon_backward_available", lambda x=None: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
+    monkeypatch.setattr(attention, "GLUON_BWD_CONFIG", dict(BLOCK_M=64, BLOCK_N=64, NUM_BUF=2), raising=False)
+    q = torch.zeros(1, 63600, 16, 128)
+    suits = lambda sk, heads=16: attention._gluon_backward_suits(q[:, :, :heads], torch.zeros(1, sk, heads, 128))  # noqa: E731
+    assert suits(63600) and suits(1100)  # 497 and 9 x 16 = 144 CTAs
+    assert not suits(512) and not suits(1000)  # cross-attention: 4 x 16 = 64; 8 x 16 = 128 < 132
+    assert suits(17000, heads=1) and not suits(16000, heads=1)  # 133 vs 125 CTAs
+    calls = []
+    monkeypatch.setattr(attention, "_use_kernels", lambda x: True)
+    monkeypatch.setattr(attention, "_gluon_backward", lambda *a: calls.append("gluon") or a[1:4])
+    monkeypatch.setattr(attention, "_triton_backward", lambda *a: calls.append("triton") or a[1:4])
+    x = torch.zeros(1, 4, 16, 128)
+    for sk in (63600, 512):
+        k = torch.zeros(1, sk, 16, 128)
+        attention.attention_backward(x, x, k, k, x, torch.zeros(1, 16, 4))
+    assert calls == ["gluon", "triton"]

@@ -1297,3 +1297,14 @@ def all_gather_views(x, n_views, group, dim=2):
     chunks = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(chunks, x.contiguous(), group=group)
     return gather_views(chunks, n_views, dim)
+
+
+# Whole views spread over a group (the VAE, which is causal in time, cannot work on a frame range):
+# rank r takes views r, r + cp, ..., in slots 0, 1, ... of a [ceil(V / cp), ...] buffer.
+
+
+def all_gather_spread_views(mine, n_views, group):
+    """Every rank's slots of whole views -> all n_views [V, ...] in view order (view v: rank v % cp)."""
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine.contiguous(), group=group)
+    return torch.stack(parts, dim=1).flatten(0, 1)[:n_views]  # slot-major, rank-minor = view order

@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from attention import all_gather_views, shard_views
+from attention import all_gather_spread_views, all_gather_views, shard_views
 from model import (MultiViewDiT, build_dit, build_vae, check_state_dict, denoise, dit_config,
                    read_state_dict, select_dit_weights)
 
@@ -389,6 +389,11 @@ def _unwrap(net):
     return net
 
 
+def _cp_group(net):
+    """The net's context-parallel group (model.enable_context_parallel), or None."""
+    return getattr(_unwrap(net), "cp_group", None)
+
+
 def load_dit_for_sampling(ckpt, config_or_preset="2b", load_ema=False, dtype=torch.bfloat16, device="cpu",
                           base_ckpt=None, lora_alpha=None, merge_lora=True):
     """The DiT in eval mode, no grad: official .pt/.safetensors, our iter_*.pt (net. or net_ema.), LoRA.
@@ -469,9 +474,8 @@ def decode_views(vae, latent_BCTHW, n_views, group=None):
     mine = torch.zeros(-(-n_views // cp), *shape, device=latent_BCTHW.device)  # slots; a rank may have none
     for i, z in enumerate(views[rank::cp]):
         mine[i] = vae.decode(z)
-    parts = [torch.empty_like(mine) for _ in range(cp)]
-    dist.all_gather(parts, mine, group=group)
-    return torch.cat([parts[v % cp][v // cp].cpu() for v in range(n_views)], dim=2)  # view v: rank v % cp
+    video = all_gather_spread_views(mine, n_views, group)  # [V, B, 3, T, H, W]
+    return video.permute(1, 2, 0, 3, 4, 5).flatten(2, 3).cpu()  # views stacked along time
 
 
 def to_uint8(video):
@@ -560,7 +564,7 @@ def sample_latents(net, noise, context, uncond_context, guidance, view_indices, 
     `device` defaults to the net's; pass it when the weights live elsewhere (FSDP2 CPU offload).
     """
     n_views = context.shape[1] // TEXT_SLOT_TOKENS
-    group = getattr(_unwrap(net), "cp_group", None)
+    group = _cp_group(net)
     device = device if device is not None else next(net.parameters()).device
     if group is not None:  # keep this rank's frames of every view (attention.shard_views)
         rank, cp = dist.get_rank(group), dist.get_world_size(group)
@@ -611,7 +615,7 @@ def sample_batch_for_training(net, vae, batch, guidance, seed, steps=STEPS, num_
     # The batch's device, not the weights': with offload=all the sharded weights live in CPU memory.
     latent = sample_latents(net, noise, context, torch.zeros_like(context), guidance, views, fps, gt, mask,
                             steps=steps, device=context.device)
-    return to_uint8(decode_views(vae, latent, V, getattr(_unwrap(net), "cp_group", None)))
+    return to_uint8(decode_views(vae, latent, V, _cp_group(net)))
 
 
 @torch.no_grad()
@@ -634,7 +638,7 @@ def generate(net, vae, context, uncond_context, *, view_ids, fps, height, width,
     noise = initial_noise((1, vae.z_dim, V * t, height // s, width // s), seed)
     latent = sample_latents(net, noise, context, uncond_context, guidance, latent_view_indices(view_ids, t),
                             torch.tensor([float(fps)]), gt, mask, steps=steps, progress=progress)
-    return to_uint8(decode_views(vae, latent, V, getattr(_unwrap(net), "cp_group", None)))[0], latent
+    return to_uint8(decode_views(vae, latent, V, _cp_group(net)))[0], latent
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -837,16 +837,13 @@ def encode_batch(vae, batch, device, views_per_call, group=None):
     slots = -(-V // cp)  # views per rank, rounded up; ranks with fewer (or none, when cp > V) send zeros
     _, T, _, H, W = video.shape[1:]
     t, h, w = 1 + (T - 1) // vae.time_factor, H // vae.space_factor, W // vae.space_factor
-    mine = torch.zeros(B, slots, vae.z_dim, t, h, w, device=device)
+    mine = torch.zeros(slots, B, vae.z_dim, t, h, w, device=device)
     for b in range(B):
         for i, views in enumerate(video[b, rank::cp].split(views_per_call) if rank < V else ()):
             x = views.to(device, non_blocking=True).permute(0, 2, 1, 3, 4)  # [v, 3, T, H, W]
-            mine[b, i * views_per_call:i * views_per_call + len(views)] = vae.encode(x)
-    parts = [torch.empty_like(mine) for _ in range(cp)]
-    dist.all_gather(parts, mine, group=group)
-    # View v sits in slot v // cp of rank v % cp: stacking ranks inside slots puts the views in order.
-    z = torch.stack(parts, dim=2).flatten(1, 2)[:, :V]  # [B, V, 16, t, h, w]
-    return z.transpose(1, 2).flatten(2, 3)  # [B, 16, V*t, h, w]
+            mine[i * views_per_call:i * views_per_call + len(views), b] = vae.encode(x)
+    z = attention.all_gather_spread_views(mine, V, group)  # [V, B, 16, t, h, w]
+    return z.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)  # [B, 16, V*t, h, w]
 
 
 def batch_inputs(batch, device, latent_frames):

@@ -189,34 +189,40 @@ def test_gpu_bf16_within_sdpa_error(B, Sq, Sk, H, D, forward, backward, monkeypa
     torch.testing.assert_close(attention.attention(q, k, v), ours[0], rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not attention._HAVE_GLUON, reason="needs Triton with Gluon")
-@pytest.mark.parametrize("D", [64, 128])
-def test_gluon_forward_compiles_for_hopper(D, tmp_path):
+def _compile_for_hopper(fn, signature, const, tmp_path):
+    """Compile a Gluon kernel for sm_90a on the CPU: (compiled kernel, PTX, ptxas -v report)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.experimental.gluon._runtime import GluonASTSource
+
+    const = dict(const, BAR_N=triton.next_power_of_2(const["NUM_BUF"]))
+    signature = dict(signature, **{name: "constexpr" for name in const})
+    src = GluonASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
+    ptx = compiled.asm["ptx"]
+    (tmp_path / "k.ptx").write_text(ptx)
+    info = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(tmp_path / "k.ptx"),
+                           "-o", str(tmp_path / "k.cubin")], capture_output=True, text=True, check=True).stderr
+    return compiled, ptx, info
+
+
+@pytest.mark.skipif(not attention._HAVE_GLUON, reason="needs Triton with Gluon")
+@pytest.mark.parametrize("D", [64, 128])
+def test_gluon_forward_compiles_for_hopper(D, tmp_path):
     from triton.runtime.jit import mangle_type
 
     cfg = attention.GLUON_FWD_CONFIG
     x = torch.zeros(1, 256, 2, D, dtype=torch.bfloat16)  # descriptors only need shapes and strides
     dq, dk = attention._gl_desc(x, cfg["BLOCK_M"]), attention._gl_desc(x, cfg["BLOCK_N"])
-    fn = attention._gl_attn_fwd_kernel
     signature = dict(desc_q=mangle_type(dq), desc_k=mangle_type(dk), desc_v=mangle_type(dk),
                      desc_o=mangle_type(dq), Lse="*fp32", H="i32", Sq="i32", Sk="i32", qk_scale="fp32")
-    const = dict(HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NUM_BUF=cfg["NUM_BUF"],
-                 BAR_N=triton.next_power_of_2(cfg["NUM_BUF"]))
-    signature.update({name: "constexpr" for name in const})
-    src = GluonASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
-    ptx = compiled.asm["ptx"]
+    const = dict(HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NUM_BUF=cfg["NUM_BUF"])
+    compiled, ptx, info = _compile_for_hopper(attention._gl_attn_fwd_kernel, signature, const, tmp_path)
     assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
     assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+240;", ptx)  # the consumers' registers
     assert compiled.metadata.num_warps == 12  # 2 consumer warpgroups + the producer's warpgroup
     assert compiled.metadata.shared <= 227 * 1024
-    (tmp_path / "fwd.ptx").write_text(ptx)
-    info = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(tmp_path / "fwd.ptx"),
-                           "-o", str(tmp_path / "fwd.cubin")], capture_output=True, text=True, check=True).stderr
     assert "0 bytes spill stores" in info, info
 
 
@@ -224,10 +230,6 @@ def test_gluon_forward_compiles_for_hopper(D, tmp_path):
 @pytest.mark.parametrize("D", [64, 128])
 def test_gluon_backward_compiles_for_hopper(D, tmp_path):
     """The warp-specialised backward builds for sm_90a with the Hopper paths its speed depends on."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     cfg = attention.GLUON_BWD_CONFIG
@@ -236,24 +238,16 @@ def test_gluon_backward_compiles_for_hopper(D, tmp_path):
     dm, dn = mangle_type(attention._gl_desc(x, bm)), mangle_type(attention._gl_desc(x, bn))
     dq = mangle_type(attention._gl_desc(x.float(), bm, D // 2))
     vec = mangle_type(attention._gl_vec_desc(torch.zeros(512), bm))
-    fn = attention._gl_attn_bwd_kernel
     signature = dict(desc_q=dm, desc_do=dm, desc_k=dn, desc_v=dn, desc_dk=dn, desc_dv=dn, desc_dq=dq,
                      desc_lse=vec, desc_delta=vec, H="i32", Sq="i32", Sq_pad="i32", qk_scale="fp32",
                      sm_scale="fp32")
-    const = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, NUM_BUF=cfg["NUM_BUF"],
-                 BAR_N=triton.next_power_of_2(cfg["NUM_BUF"]))
-    signature.update({name: "constexpr" for name in const})
-    src = GluonASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
-    ptx = compiled.asm["ptx"]
+    const = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, NUM_BUF=cfg["NUM_BUF"])
+    compiled, ptx, info = _compile_for_hopper(attention._gl_attn_bwd_kernel, signature, const, tmp_path)
     assert ptx.count("wgmma.mma_async") >= 10  # S^T, dP^T, dV, dK, dQ in both warpgroups
     assert "cp.async.bulk.tensor" in ptx and "cp.reduce.async.bulk.tensor" in ptx  # TMA loads, dQ reduce-add
     assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+240;", ptx)
     assert compiled.metadata.num_warps == 12
     assert compiled.metadata.shared <= 227 * 1024
-    (tmp_path / "bwd.ptx").write_text(ptx)
-    info = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(tmp_path / "bwd.ptx"),
-                           "-o", str(tmp_path / "bwd.cubin")], capture_output=True, text=True, check=True).stderr
     # The warpgroup that also runs the kernel's prologue spills a few registers at D=128 (172 bytes with
     # Triton 3.6, none at D=64; BENCH.md); much more than that would cost speed.
     spilled = re.search(r"(\d+) bytes spill stores", info)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attention  # noqa: E402
 from _dist import run_nccl  # noqa: E402
+from test_ring_attention import _reference, _rel_err  # noqa: E402  (float64 attention by autograd)
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2 or not attention.triton_available(),
                                 reason="needs 2 CUDA GPUs with the Triton kernels")
@@ -40,15 +41,6 @@ def _worker(rank, world, out_dir, cudnn_backward):
                 "dv": v.grad.cpu()}, Path(out_dir) / f"rank{rank}.pt")
 
 
-def _reference(q, k, v, dout):
-    q, k, v = (x.double().requires_grad_() for x in (q, k, v))
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / D ** 0.5
-    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, -1), v)
-    out.backward(dout.double())
-    return {"out": out.detach(), "lse": torch.logsumexp(scores, -1).detach(), "dq": q.grad, "dk": k.grad,
-            "dv": v.grad}
-
-
 def _sdpa_errors(q, k, v, dout, ref):
     """Relative errors of PyTorch's SDPA in bf16 on one GPU (what a user would otherwise run)."""
     q, k, v = (x.cuda().bfloat16().transpose(1, 2).requires_grad_() for x in (q, k, v))
@@ -57,10 +49,6 @@ def _sdpa_errors(q, k, v, dout, ref):
     got = {"out": out.transpose(1, 2), "dq": q.grad.transpose(1, 2), "dk": k.grad.transpose(1, 2),
            "dv": v.grad.transpose(1, 2)}
     return {key: _rel_err(got[key].cpu(), ref[key]) for key in got}
-
-
-def _rel_err(a, b):
-    return ((a.double() - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("cudnn_backward", [False, True])  # chunks' backward: ours, or cuDNN's (auto)

@@ -21,10 +21,12 @@ import torch.nn.functional as F
 # 1. Entry point
 # ---------------------------------------------------------------------------------------------------
 
-# triton: our kernels both ways; triton-cudnn: our forward with cuDNN's backward (ours is 0.88-0.96x
-# cuDNN's on Hopper, see BENCH.md), fed our out and lse, so the pair is faster than either alone.
+# triton: our kernels both ways; triton-cudnn: our forward with cuDNN's backward, fed our out and lse.
+# auto picks the fastest measured (BENCH.md): on Hopper our kernels for self-attention (Gluon forward
+# 1.07-1.12x and backward 1.06-1.14x cuDNN's) and SDPA (cuDNN) for cross-attention's 512 keys, where our
+# kernels are 0.84-0.87x; on other GPUs with Triton triton-cudnn; SDPA elsewhere.
 BACKENDS = ("auto", "sdpa", "triton", "triton-cudnn", "reference")
-_backend = "auto"  # 'auto': triton-cudnn (the fastest pair measured) on Hopper or newer GPUs, SDPA otherwise
+_backend = "auto"
 
 
 def set_backend(name):
@@ -35,18 +37,24 @@ def set_backend(name):
     _backend = name
 
 
-def resolve_backend(q, backend=None):
-    """The backend that runs for q: `backend` (default: the global one) with 'auto' decided."""
+def resolve_backend(q, backend=None, k=None):
+    """The backend that runs for q (and keys k, default q's length): `backend` (default: the global
+    one) with 'auto' decided."""
     backend = backend or _backend
     if backend == "auto":
         kernel_ok = q.shape[-1] in KERNEL_HEAD_DIMS and q.dtype in (torch.bfloat16, torch.float16)
-        backend = "triton-cudnn" if (q.is_cuda and kernel_ok and triton_available()) else "sdpa"
+        if not (q.is_cuda and kernel_ok and triton_available()):
+            backend = "sdpa"
+        elif gluon_backward_available(q):
+            backend = "triton" if _gluon_backward_suits(q, q if k is None else k) else "sdpa"
+        else:
+            backend = "triton-cudnn"
     return backend
 
 
 def attention(q, k, v, backend=None):
     """Non-causal softmax attention on [B, S, H, D] tensors; returns [B, S_q, H, D]."""
-    backend = resolve_backend(q, backend)
+    backend = resolve_backend(q, backend, k)
     if backend == "sdpa":
         # SDPA wants [B, H, S, D]; the transposes are views, SDPA handles the strides.
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -495,18 +503,21 @@ if _HAVE_GLUON:
 #   - a loader warp streams Q, dO and that tile's lse / delta (padded rows: +inf / 0) through TMA into
 #     NUM_BUF shared buffers;
 #   - two consumer warpgroups (240 registers) own 64 keys each, with dK and dV in registers. Per tile:
-#     S^T = K Q^T and dP^T = V dO^T (wgmma from shared memory), P^T = exp2(S^T - lse), dS^T =
-#     P^T (dP^T - delta); P^T and dS^T go to shared memory, so dV += P^T dO and dK += dS^T Q read both
-#     operands from there and no register operand stays pinned while a wgmma is in flight (pinning them
-#     is what made an earlier version spill 450 bytes and run at 0.6x cuDNN);
-#   - dQ = dS K needs both warpgroups' dS: they meet at an mbarrier, and each computes half of dQ's
-#     columns over all 128 keys into a shared fp32 tile;
-#   - a dQ-writer warp adds those tiles into the fp32 dQ buffer with TMA reduce-add, so the consumers
-#     never wait for global memory.
-# 198 KB of shared memory, 12 warps. Measured on an H100 (BENCH.md): 0.88-0.96x cuDNN's backward and
-# 1.24-1.35x the Triton kernel above; used for the `triton` backend and ring attention on sm_90 when the
-# keys give enough CTAs to fill the GPU (cross-attention's 512 keys take the Triton kernel, which also
-# splits the queries).
+#     S^T = K Q^T and dP^T = V dO^T (wgmma, both operands in shared memory), P^T = exp2(S^T - lse),
+#     dS^T = P^T (dP^T - delta); then dV += P^T dO and dK += dS^T Q take P^T and dS^T straight from
+#     registers (the accumulator of S^T is already laid out as the next matmul's A operand);
+#   - dQ = dS K needs both warpgroups' dS^T, so dS^T also goes to shared memory (two buffers), and each
+#     warpgroup computes half of dQ's columns over all 128 keys one tile late: dQ of tile j-1 is issued
+#     behind dK of tile j, by when the other warpgroup has long stored its half of dS^T. The two
+#     warpgroups never wait for each other within a tile, which is what hides one's softmax behind the
+#     other's matmuls;
+#   - the dQ tile goes to shared memory "thread-major" (row = register slot, column = thread), which
+#     stmatrix writes without bank conflicts (the row-major fp32 tile cost 2x the shared-memory
+#     wavefronts, ~9 % of all of them), and a dQ-writer warp adds it into an fp32 buffer of the same
+#     tiled layout with TMA reduce-add; a copy puts dQ back in [B, S, H, D] at the end.
+# 198 KB of shared memory, 12 warps. Measured on an H100 (BENCH.md): 1.06-1.14x cuDNN's backward.
+# Used for the `triton` and `auto` backends and ring attention on sm_90 when the keys give enough CTAs to
+# fill the GPU (cross-attention's 512 keys take cuDNN under `auto`, the Triton kernel under `triton`).
 if _HAVE_GLUON_BWD:
 
     @_gluon_builtin
@@ -534,20 +545,28 @@ if _HAVE_GLUON_BWD:
             tma.async_copy_global_to_shared(desc_delta, [vec0 + j * BLOCK_M], bar, delta_bufs.index(idx))
 
     @gluon.jit
-    def _gl_bwd_dq_writer(desc_dq, dq_bufs, dq_full, dq_empty, b, col, n_tiles):
+    def _gl_dq_thread_major(dq):
+        """[64, C] wgmma accumulator of 4 warps -> [C/2, 128]: row = value slot, column = thread (lane order),
+        so a warp's store of one slot writes 32 consecutive floats (no bank conflicts)."""
+        I: gl.constexpr = dq.type.shape[1] // 8
+        x = dq.reshape([4, 2, 8, I, 4, 2])  # rows (warp, half, lane // 4), columns (8-group, lane % 4, pair)
+        x = x.permute((3, 1, 5, 0, 2, 4))  # (8-group, half, pair, warp, lane // 4, lane % 4)
+        return x.reshape([I * 4, 128])
+
+    @gluon.jit
+    def _gl_bwd_dq_writer(desc_dq, dq_bufs, dq_full, dq_empty, tile0, n_tiles):
         """dQ-writer warp: add each warpgroup's dQ half-tile into global memory (TMA reduce-add)."""
-        BLOCK_M: gl.constexpr = dq_bufs.type.shape[2]
-        DQ_COLS: gl.constexpr = dq_bufs.type.shape[3]
+        VALS: gl.constexpr = dq_bufs.type.shape[1]
         for j in range(n_tiles):
             for w in gl.static_range(2):
                 mbarrier.wait(dq_full.index(w), j & 1)
-                _gl_tma_reduce_add(desc_dq, [b, j * BLOCK_M, col + w * DQ_COLS], dq_bufs.index(w))
+                _gl_tma_reduce_add(desc_dq, [((tile0 + j) * 2 + w) * VALS, 0], dq_bufs.index(w))
                 tma.store_wait(0)  # the tile has been read: the warpgroup may write the next one
                 mbarrier.arrive(dq_empty.index(w), count=1)
 
     @gluon.jit
     def _gl_bwd_consumer(WG: gl.constexpr, desc_k, desc_v, desc_dk, desc_dv, lse_bufs, delta_bufs, q_bufs,
-                         do_bufs, k_all, v_bufs, p_bufs, ds_all, dq_bufs, q_ready, q_empty, kv_bar, ds_ready,
+                         do_bufs, k_all, v_bufs, ds_all, dq_bufs, q_ready, q_empty, kv_bar, ds_ready,
                          ds_free, dq_full, dq_empty, b, n0, col, n_tiles, qk_scale, sm_scale,
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
         """Consumer warpgroup WG: keys n0 + WG*BLOCK_N .. +BLOCK_N (dK, dV) and dQ's columns WG*D/2 .. +D/2."""
@@ -561,6 +580,7 @@ if _HAVE_GLUON_BWD:
         q_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, DQ_COLS, 16])
         col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)  # one value per query of the tile
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
 
         # This warpgroup's K and V rows; TMA zero-fills keys past S_k (their dQ share is then 0).
         k_smem = k_all.slice(WG * BLOCK_N, BLOCK_N, dim=1)
@@ -572,14 +592,13 @@ if _HAVE_GLUON_BWD:
         k2 = k_all.reshape([2 * BLOCK_N, HEAD_DIM]).slice(WG * BLOCK_N, BLOCK_N, dim=0)  # [BN, D]
         v2 = v_smem.reshape([BLOCK_N, HEAD_DIM])
         k_cols = k_all.reshape([2 * BLOCK_N, HEAD_DIM]).slice(WG * DQ_COLS, DQ_COLS, dim=1)  # [2BN, D/2]
-        ds_mine = ds_all.slice(WG * BLOCK_N, BLOCK_N, dim=0)  # [BN, BM]
-        p_smem = p_bufs.index(WG)  # [BN, BM]
-        dq_smem = dq_bufs.index(WG).reshape([BLOCK_M, DQ_COLS])
+        dq_smem = dq_bufs.index(WG)  # [D/4, 128] thread-major
         mbarrier.wait(kv_bar.index(WG), 0)
 
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
         s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+        dq_zero = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, q_layout)
         for j in range(n_tiles):
             idx = j % NUM_BUF
             mbarrier.wait(q_ready.index(idx), (j // NUM_BUF) & 1)
@@ -589,26 +608,43 @@ if _HAVE_GLUON_BWD:
             dpT = warpgroup_mma(v2, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)  # [BN, BM]
             sT = warpgroup_mma_wait(1, deps=(sT,))
             pT = gl.exp2(sT * qk_scale - lse_bufs.index(idx).load(col_layout)[None, :])  # padded rows: 0
-            p_smem.store(pT.to(dtype))
-            fence_async_shared()
-            dv = warpgroup_mma(p_smem, do_t, dv, is_async=True)
+            p_op = gl.convert_layout(pT.to(dtype), a_layout)
+            dv = warpgroup_mma(p_op, do_t, dv, is_async=True)
             dpT = warpgroup_mma_wait(1, deps=(dpT,))
             dsT = (pT * (dpT - delta_bufs.index(idx).load(col_layout)[None, :])).to(dtype)  # no softmax scale
-            mbarrier.wait(ds_free, (j & 1) ^ 1)  # both warpgroups' dQ of the previous tile have read ds_all
-            ds_mine.store(dsT)
+            sb = j % 2
+            mbarrier.wait(ds_free.index(sb), ((j // 2) & 1) ^ 1)  # dQ of tile j-2 has read this buffer
+            ds_all.index(sb).slice(WG * BLOCK_N, BLOCK_N, dim=0).store(dsT)
             fence_async_shared()
-            mbarrier.arrive(ds_ready, count=1)
-            dk = warpgroup_mma(ds_mine, q_t, dk, is_async=True)
-            mbarrier.wait(ds_ready, j & 1)  # the other warpgroup's dS^T rows are in place
-            dq = warpgroup_mma(ds_all.permute((1, 0)), k_cols, gl.zeros([BLOCK_M, DQ_COLS], gl.float32, q_layout),
-                               use_acc=False, is_async=True)  # [BM, D/2] over all 2 x BLOCK_N keys
-            dq, dv, dk = warpgroup_mma_wait(0, deps=(dq, dv, dk))
-            mbarrier.arrive(ds_free, count=1)
+            mbarrier.arrive(ds_ready.index(sb), count=1)
+            ds_op = gl.convert_layout(dsT, a_layout)
+            dk = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+            # dQ of the previous tile: by now the other warpgroup has stored its dS^T rows of it. At j = 0
+            # there is none: the matmul reads the idle buffer and nothing waits, arrives or is sent.
+            has_prev = j > 0
+            pb = (j + 1) % 2
+            mbarrier.wait(ds_ready.index(pb), ((j - 1) // 2) & 1, pred=has_prev)
+            dq = warpgroup_mma(ds_all.index(pb).permute((1, 0)), k_cols, dq_zero, use_acc=False,
+                               is_async=True)  # [BM, D/2] over all 2 x BLOCK_N keys
+            dq, dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dq, dv, dk, p_op, ds_op))
+            mbarrier.arrive(ds_free.index(pb), count=1, pred=has_prev)
+            mbarrier.wait(dq_empty.index(WG), (j & 1), pred=has_prev)  # the writer has sent tile j-2
+            dq_smem.store(_gl_dq_thread_major(dq * sm_scale))
+            fence_async_shared()
+            mbarrier.arrive(dq_full.index(WG), count=1, pred=has_prev)
             mbarrier.arrive(q_empty.index(idx), count=1)
-            mbarrier.wait(dq_empty.index(WG), (j & 1) ^ 1)  # the writer has sent the previous tile
-            dq_smem.store(dq)
-            fence_async_shared()
-            mbarrier.arrive(dq_full.index(WG), count=1)
+        # dQ of the last tile
+        pb = (n_tiles - 1) % 2
+        mbarrier.wait(ds_ready.index(pb), ((n_tiles - 1) // 2) & 1)
+        dq = warpgroup_mma(ds_all.index(pb).permute((1, 0)), k_cols, dq_zero, use_acc=False, is_async=True)
+        dq = warpgroup_mma_wait(0, deps=(dq,))
+        mbarrier.arrive(ds_free.index(pb), count=1)
+        # Both warpgroups' last dQ read all of K: only then may K's rows stage dK (below).
+        mbarrier.wait(ds_free.index(pb), ((n_tiles - 1) // 2) & 1)
+        mbarrier.wait(dq_empty.index(WG), ((n_tiles - 1) & 1) ^ 1)
+        dq_smem.store(_gl_dq_thread_major(dq * sm_scale))
+        fence_async_shared()
+        mbarrier.arrive(dq_full.index(WG), count=1)
 
         # K and V are no longer read: their buffers stage dK and dV for the TMA stores (clipped at S_k).
         k2.store((dk * sm_scale).to(dtype))
@@ -637,9 +673,7 @@ if _HAVE_GLUON_BWD:
                                                desc_delta.layout)
         k_all = gl.allocate_shared_memory(dtype, [1, 2 * BLOCK_N, HEAD_DIM], desc_k.layout)
         v_bufs = gl.allocate_shared_memory(dtype, [2] + desc_v.block_type.shape, desc_v.layout)
-        p_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M],
-                                           gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
-        ds_all = gl.allocate_shared_memory(dtype, [2 * BLOCK_N, BLOCK_M],
+        ds_all = gl.allocate_shared_memory(dtype, [2, 2 * BLOCK_N, BLOCK_M],
                                            gl.NVMMASharedLayout.get_default_for([2 * BLOCK_N, BLOCK_M], dtype))
         dq_bufs = gl.allocate_shared_memory(gl.float32, [2] + desc_dq.block_type.shape, desc_dq.layout)
         bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
@@ -648,8 +682,8 @@ if _HAVE_GLUON_BWD:
         kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
         dq_full = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
         dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
-        ds_ready = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        ds_free = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+        ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
         for i in gl.static_range(NUM_BUF):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(q_empty.index(i), count=2)  # both consumers release a slot
@@ -657,23 +691,25 @@ if _HAVE_GLUON_BWD:
             mbarrier.init(kv_bar.index(i), count=1)
             mbarrier.init(dq_full.index(i), count=1)
             mbarrier.init(dq_empty.index(i), count=1)
-        mbarrier.init(ds_ready, count=2)
-        mbarrier.init(ds_free, count=2)
+        for i in gl.static_range(2):
+            mbarrier.init(ds_ready.index(i), count=2)
+            mbarrier.init(ds_free.index(i), count=2)
         gl.warp_specialize([
             (_gl_bwd_consumer, (0, desc_k, desc_v, desc_dk, desc_dv, lse_bufs, delta_bufs, q_bufs, do_bufs, k_all,
-                                v_bufs, p_bufs, ds_all, dq_bufs, q_ready, q_empty, kv_bar, ds_ready, ds_free,
+                                v_bufs, ds_all, dq_bufs, q_ready, q_empty, kv_bar, ds_ready, ds_free,
                                 dq_full, dq_empty, b, n0, col, n_tiles, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
                                 HEAD_DIM)),
             (_gl_bwd_consumer, (1, desc_k, desc_v, desc_dk, desc_dv, lse_bufs, delta_bufs, q_bufs, do_bufs, k_all,
-                                v_bufs, p_bufs, ds_all, dq_bufs, q_ready, q_empty, kv_bar, ds_ready, ds_free,
+                                v_bufs, ds_all, dq_bufs, q_ready, q_empty, kv_bar, ds_ready, ds_free,
                                 dq_full, dq_empty, b, n0, col, n_tiles, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
                                 HEAD_DIM)),
             (_gl_bwd_loader, (desc_q, desc_do, desc_lse, desc_delta, q_bufs, do_bufs, lse_bufs, delta_bufs,
                               q_ready, q_empty, b, col, pid_bh * Sq_pad, n_tiles)),
-            (_gl_bwd_dq_writer, (desc_dq, dq_bufs, dq_full, dq_empty, b, col, n_tiles)),
+            (_gl_bwd_dq_writer, (desc_dq, dq_bufs, dq_full, dq_empty, pid_bh * n_tiles, n_tiles)),
         ], [4, 1, 1], [240, 24, 24])
 
     # 64 keys per warpgroup, 64-row query tiles, 2 Q/dO buffers (198 KB of shared memory; 3 do not fit).
+    # The thread-major dQ tiles assume BLOCK_M = 64 (one wgmma row block of 4 warps).
     GLUON_BWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, NUM_BUF=2)
 
     def _gl_vec_desc(x, block):
@@ -743,19 +779,36 @@ def _gluon_backward(dout, q, k, v, out, lse, config=None):
     _attn_bwd_prep_kernel[(triton.cdiv(Sq_pad, 64), B * H)](
         out, dout, lse.float().contiguous(), delta, lse2, H, Sq, Sq_pad, out.stride(1), dout.stride(1),
         HEAD_DIM=D, BLOCK_M=64)
-    dq_acc = torch.zeros((B, Sq, H, D), dtype=torch.float32, device=q.device)  # dQ / softmax scale
+    nt = Sq_pad // bm
+    vals = D // 4  # each warpgroup's [64, D/2] dQ tile as [D/4 value slots, 128 threads]
+    dq_tiles = torch.zeros((B * H * nt * 2 * vals, 128), dtype=torch.float32, device=q.device)
+    dq_desc = GluonTensorDescriptor(dq_tiles, list(dq_tiles.shape), [128, 1], [vals, 128],
+                                    gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     sm_scale = 1.0 / math.sqrt(D)
     grid = (triton.cdiv(Sk, 2 * bn), B * H)
     # 12 warps at launch (2 consumer warpgroups + 1 for the loader and dQ-writer warps), 168 registers
     # each; setmaxnreg then moves them to the consumers (240 + 240 + 24 per thread of each warpgroup).
     _gl_attn_bwd_kernel[grid](_gl_desc(q, bm), _gl_desc(dout, bm), _gl_desc(k, bn), _gl_desc(v, bn),
-                              _gl_desc(dk, bn), _gl_desc(dv, bn), _gl_desc(dq_acc, bm, D // 2),
+                              _gl_desc(dk, bn), _gl_desc(dv, bn), dq_desc,
                               _gl_vec_desc(lse2, bm), _gl_vec_desc(delta, bm), H, Sq, Sq_pad,
                               sm_scale * 1.4426950408889634, sm_scale, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
                               NUM_BUF=cfg["NUM_BUF"], BAR_N=triton.next_power_of_2(cfg["NUM_BUF"]),
                               num_warps=4, maxnreg=168)
-    return (dq_acc * sm_scale).to(q.dtype), dk, dv
+    return _dq_from_thread_major(dq_tiles, B, H, Sq, D, q.dtype), dk, dv
+
+
+def _dq_from_thread_major(dq_tiles, B, H, Sq, D, dtype):
+    """dQ [B, Sq, H, D] from the Gluon backward's tiles [B, H, query tile, half w, D/4 slots, 128 threads].
+
+    Slot (8-group i, half h, pair e) of thread (warp, lane) holds row 16 warp + 8 h + lane // 4 and column
+    w D/2 + 8 i + 2 (lane % 4) + e of the query tile (the wgmma accumulator layout); one strided copy.
+    """
+    nt = dq_tiles.numel() // (B * H * 64 * D)
+    dq = torch.empty((B, nt * 64, H, D), dtype=dtype, device=dq_tiles.device)
+    dq.view(B, nt, 4, 2, 8, H, 2, D // 16, 4, 2).copy_(
+        dq_tiles.view(B, H, nt, 2, D // 16, 2, 2, 4, 8, 4).permute(0, 2, 7, 5, 8, 1, 3, 4, 9, 6))
+    return dq[:, :Sq] if B == 1 or nt * 64 == Sq else dq[:, :Sq].contiguous()
 
 
 def triton_available():
@@ -1223,12 +1276,13 @@ def ring_attention_with_lse(q, k, v, group=None, kv_sizes=None, cudnn_backward=N
     saves one all-gather (and a host sync) per call when the caller knows it (compiled callers must
     pass it). The lse is not differentiable. With group None or of size 1 this is plain attention
     through the primitives. The forward always runs our kernels (the merge needs each chunk's LSE);
-    the backward of every chunk runs cuDNN's kernel when cudnn_backward is set, by default when the
-    attention backend resolves to triton-cudnn (`auto` on Hopper), else ours.
+    the backward of every chunk runs cuDNN's kernel when cudnn_backward is set, by default unless the
+    attention backend resolves to our kernels both ways (`triton`; `auto` on Hopper for chunks that fill
+    the GPU) or the kernels cannot run here.
     """
     _check_qkv(q, k, v)
     if cudnn_backward is None:
-        cudnn_backward = resolve_backend(q) == "triton-cudnn"
+        cudnn_backward = resolve_backend(q, k=k) != "triton" and q.is_cuda and _use_kernels(q)
     if kv_sizes is None:
         kv_sizes = _exchange_kv_sizes(k, group)
     kv_sizes = tuple(int(s) for s in kv_sizes)

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=2 bench.py --runs 480p-5v:triton:1:1 --cp 2   # context parallel: 2 GPUs, one sample
     python bench.py --runs 480p-5v:triton:1:3 480p-5v:sdpa:1:3   # SETUP:BACKEND[:WARMUP:ITERS][:compile]
     python bench.py --runs 720p-5v:sdpa:1:1:compile --plan 720p-5v=save_attention:ema:14   # AC:OFFLOAD[:BLOCKS]
-    python bench.py --runs 480p-5v:triton-cudnn:1:2:compile --profile   # + GPU time by kernel family
+    python bench.py --runs 480p-5v:auto:1:2:compile --profile           # + GPU time by kernel family
     python bench.py --tiny                            # CPU smoke test: tiny model, same code paths (tests)
 
 Training iterations go through train.py itself (setup_parallelism, build_model, EMA, build_optimizer,
@@ -87,9 +87,10 @@ MEMORY_PLANS = {  # setup: [(activation_checkpointing, offload[, saved_attention
     "tiny": [("save_attention", "none")],
 }
 
-# Attention backends for whole iterations: attention.py's Triton kernels (triton-cudnn: our forward with
-# cuDNN's backward), or PyTorch SDPA with its default kernel choice, or SDPA with cuDNN first.
-BACKENDS = ("triton", "triton-cudnn", "sdpa", "sdpa-cudnn", "reference")
+# Attention backends for whole iterations: attention.py's choice (auto: on Hopper our Gluon kernels for
+# self-attention, cuDNN for cross-attention), our kernels everywhere (triton), our forward with cuDNN's
+# backward (triton-cudnn), or PyTorch SDPA with its default kernel choice, or SDPA with cuDNN first.
+BACKENDS = ("auto", "triton", "triton-cudnn", "sdpa", "sdpa-cudnn", "reference")
 
 
 def attention_context(backend):
@@ -763,7 +764,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: demo DiT, tiny VAE, tiny shapes")
     p.add_argument("--setups", nargs="*", help=f"training setups (default all but tiny): {list(SETUPS)}")
     p.add_argument("--backends", nargs="*", help=f"attention backends for training {BACKENDS} "
-                                                 "(default on Hopper: sdpa eager and triton-cudnn compiled -- the last one also "
+                                                 "(default on Hopper: sdpa eager and auto compiled -- the last one also "
                                                  "runs 720p-7v and LoRA; sdpa and reference on CPU)")
     p.add_argument("--plan", action="append", default=[], metavar="SETUP=AC:OFFLOAD[:BLOCKS]",
                    help="force a memory plan, e.g. 720p-5v=full:all; BLOCKS: save_attention in the first BLOCKS "
@@ -829,11 +830,11 @@ def default_runs(setups, backends, tiny, warmup, iters, compile, kernels):
     """The training runs of a plain `python bench.py`: [(setup, backend, warmup, iters, compiled)].
 
     On a GPU with our kernels: what a user would otherwise pick (SDPA, eager) beside ours as train.py runs
-    fastest (triton-cudnn, what attention_backend=auto picks on Hopper: our Gluon forward + cuDNN's
-    backward; compiled blocks). The longest setup and LoRA run once, with the last (preferred) backend.
+    fastest (attention_backend=auto: on Hopper our Gluon forward and backward for self-attention, cuDNN
+    for cross-attention; compiled blocks). The longest setup and LoRA run once, with the last (preferred) backend.
     --backends replaces the pair (compiled only with --compile).
     """
-    ours = "triton-cudnn" if kernels and not tiny else None
+    ours = "auto" if kernels and not tiny else None
     chosen = backends or (["sdpa", "reference"] if tiny else ["sdpa"] + ([ours] if ours else []))
     return [(s, b, warmup, iters, compile or (not backends and b == ours)) for s in setups for b in chosen
             if tiny or not (s == "720p-7v" or s.startswith("lora")) or b == chosen[-1]]

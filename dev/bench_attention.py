@@ -129,8 +129,9 @@ def main_table(args):
              "", "Command: `python dev/bench_attention.py --out bench_results/attention_kernels.md`", "",
              "B=1, H=16, D=128, bf16, layout [B, S, H, D], non-causal. TFLOP/s with forward = 4·Nq·Nk·D·H, "
              "backward = 2.5× forward; medians of CUDA-event timings. SDPA forward in training mode "
-             "(inputs require grad). ours = Gluon forward (sm_90) + Triton backward; triton = the plain "
-             "Triton forward; default = SDPA's own kernel choice.", "",
+             "(inputs require grad). ours = the `triton` backend: on sm_90 the Gluon forward and the Gluon "
+             "backward (the Triton backward where the keys give fewer CTAs than SMs: cross-attention); "
+             "triton = the plain Triton kernels both ways; default = SDPA's own kernel choice.", "",
              "| shape | Nq × Nk | fwd ours | fwd triton | fwd cuDNN | fwd default | fwd flash | ours/cuDNN "
              "| bwd ours | bwd cuDNN | bwd default | bwd flash | ours/cuDNN |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

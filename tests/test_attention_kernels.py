@@ -236,7 +236,10 @@ def test_gluon_backward_compiles_for_hopper(D, tmp_path):
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     x = torch.zeros(1, 256, 2, D, dtype=torch.bfloat16)  # descriptors only need shapes and strides
     dm, dn = mangle_type(attention._gl_desc(x, bm)), mangle_type(attention._gl_desc(x, bn))
-    dq = mangle_type(attention._gl_desc(x.float(), bm, D // 2))
+    tiles = torch.zeros(4096, 128)  # the thread-major dQ tiles: [D/4 slots, 128 threads] boxes
+    dq = mangle_type(attention.GluonTensorDescriptor(
+        tiles, list(tiles.shape), [128, 1], [D // 4, 128],
+        attention.gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)))
     vec = mangle_type(attention._gl_vec_desc(torch.zeros(512), bm))
     signature = dict(desc_q=dm, desc_do=dm, desc_k=dn, desc_v=dn, desc_dk=dn, desc_dv=dn, desc_dq=dq,
                      desc_lse=vec, desc_delta=vec, H="i32", Sq="i32", Sq_pad="i32", qk_scale="fp32",
@@ -244,12 +247,14 @@ def test_gluon_backward_compiles_for_hopper(D, tmp_path):
     const = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, NUM_BUF=cfg["NUM_BUF"])
     compiled, ptx, info = _compile_for_hopper(attention._gl_attn_bwd_kernel, signature, const, tmp_path)
     assert ptx.count("wgmma.mma_async") >= 10  # S^T, dP^T, dV, dK, dQ in both warpgroups
+    # dV and dK take P^T and dS^T from registers (wgmma's A operand): no shared-memory round trip
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.(bf16|f16)\.(bf16|f16)\s+\{[^}]*\},\s*\{", ptx)
     assert "cp.async.bulk.tensor" in ptx and "cp.reduce.async.bulk.tensor" in ptx  # TMA loads, dQ reduce-add
     assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+240;", ptx)
     assert compiled.metadata.num_warps == 12
     assert compiled.metadata.shared <= 227 * 1024
-    # The warpgroup that also runs the kernel's prologue spills a few registers at D=128 (172 bytes with
-    # Triton 3.6, none at D=64; BENCH.md); much more than that would cost speed.
+    # The consumers spill a few registers at D=128 (132 bytes with Triton 3.6; BENCH.md); much more than
+    # that costs speed (a variant with 576 bytes ran at 0.7x).
     spilled = re.search(r"(\d+) bytes spill stores", info)
     assert spilled is None or int(spilled.group(1)) <= 256, info
 
@@ -300,6 +305,52 @@ def test_fallback_primitives_in_query_blocks_match_float64(monkeypatch, dtype):
     for got, want in ((out, out_ref), (lse, lse_ref), *zip(grads, grads_ref)):
         assert got.shape == want.shape
         assert ((got.double() - want).norm() / want.norm()).item() < tol
+
+
+def _dq_to_thread_major(dq, D):
+    """Mirror of the Gluon kernel's _gl_dq_thread_major + tile addressing, in torch: [B,S,H,D] -> tiles."""
+    B, S, H, _ = dq.shape
+    nt = -(-S // 64)
+    padded = torch.zeros(B, nt * 64, H, D, dtype=dq.dtype)
+    padded[:, :S] = dq
+    tiles = torch.empty(B, H, nt, 2, D // 4, 128, dtype=dq.dtype)
+    for b in range(B):
+        for h in range(H):
+            for j in range(nt):
+                for w in range(2):
+                    tile = padded[b, j * 64:(j + 1) * 64, h, w * D // 2:(w + 1) * D // 2]  # [64, D/2]
+                    x = tile.reshape(4, 2, 8, D // 16, 4, 2).permute(3, 1, 5, 0, 2, 4)
+                    tiles[b, h, j, w] = x.reshape(D // 4, 128)
+    return tiles.reshape(-1, 128)
+
+
+@pytest.mark.parametrize("B,S,H,D", [(1, 200, 2, 128), (2, 130, 3, 64), (2, 128, 1, 128)])
+def test_dq_thread_major_tiles_round_trip(B, S, H, D):
+    """The Gluon backward's dQ tile layout (slot x thread) maps back to [B, S, H, D] exactly."""
+    dq = torch.randn(B, S, H, D)
+    back = attention._dq_from_thread_major(_dq_to_thread_major(dq, D), B, H, S, D, torch.float32)
+    assert back.shape == dq.shape and back.is_contiguous()
+    assert torch.equal(back, dq)
+
+
+def test_auto_backend_rule(monkeypatch):
+    """auto: our kernels both ways where the Gluon backward suits (self-attention on Hopper), SDPA (cuDNN)
+    for the short key sets of cross-attention, triton-cudnn on other GPUs with Triton, SDPA without."""
+    class Q:
+        is_cuda, dtype, shape = True, torch.bfloat16, (1, 4096, 16, 128)
+
+    monkeypatch.setattr(attention, "triton_available", lambda: True)
+    monkeypatch.setattr(attention, "gluon_backward_available", lambda x=None: True)
+    monkeypatch.setattr(attention, "_gluon_backward_suits", lambda q, k: k.shape[1] >= 1024)
+    self_k, cross_k = torch.zeros(1, 4096, 16, 128), torch.zeros(1, 512, 16, 128)
+    assert attention.resolve_backend(Q(), "auto", self_k) == "triton"
+    assert attention.resolve_backend(Q(), "auto") == "triton"  # keys default to the queries' length
+    assert attention.resolve_backend(Q(), "auto", cross_k) == "sdpa"
+    assert attention.resolve_backend(Q(), "triton-cudnn", cross_k) == "triton-cudnn"  # explicit choices stay
+    monkeypatch.setattr(attention, "gluon_backward_available", lambda x=None: False)
+    assert attention.resolve_backend(Q(), "auto", self_k) == "triton-cudnn"
+    monkeypatch.setattr(attention, "triton_available", lambda: False)
+    assert attention.resolve_backend(Q(), "auto", self_k) == "sdpa"
 
 
 def test_backward_dispatch_gluon_only_where_the_keys_fill_the_gpu(monkeypatch):

@@ -311,9 +311,9 @@ def test_tiny_profile_splits_the_iteration(tmp_path):
 def test_default_runs_put_ours_compiled_beside_sdpa():
     setups = ["480p-5v", "720p-5v", "720p-7v", "lora-720p-5v"]
     runs = bench.default_runs(setups, None, False, 1, 2, False, kernels=True)
-    assert runs == [("480p-5v", "sdpa", 1, 2, False), ("480p-5v", "triton-cudnn", 1, 2, True),
-                    ("720p-5v", "sdpa", 1, 2, False), ("720p-5v", "triton-cudnn", 1, 2, True),
-                    ("720p-7v", "triton-cudnn", 1, 2, True), ("lora-720p-5v", "triton-cudnn", 1, 2, True)]
+    assert runs == [("480p-5v", "sdpa", 1, 2, False), ("480p-5v", "auto", 1, 2, True),
+                    ("720p-5v", "sdpa", 1, 2, False), ("720p-5v", "auto", 1, 2, True),
+                    ("720p-7v", "auto", 1, 2, True), ("lora-720p-5v", "auto", 1, 2, True)]
     # no kernels (other GPUs): SDPA alone, eager; --backends: as given, compiled only with --compile
     assert bench.default_runs(["480p-5v"], None, False, 1, 2, False, kernels=False) == [("480p-5v", "sdpa", 1, 2, False)]
     assert bench.default_runs(["720p-7v"], ["triton", "sdpa"], False, 0, 1, True, kernels=True) == [

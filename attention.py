@@ -718,12 +718,26 @@ if _HAVE_GLUON_BWD:
         return GluonTensorDescriptor(x, [x.numel()], [1], [block], layout)
 
 
+# Device facts are constants to torch.compile: `auto` decides per call inside compiled blocks, and a
+# device query dynamo cannot trace would otherwise break the block's graph in two.
+@torch.compiler.assume_constant_result
+def _capability(device_index):
+    """(major, minor) compute capability of a CUDA device (None: the current one)."""
+    return torch.cuda.get_device_capability(device_index)
+
+
+@torch.compiler.assume_constant_result
+def _sm_count(device_index):
+    """Number of multiprocessors of a CUDA device (None: the current one)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def gluon_available(x=None):
     """True when the Gluon forward can run: Gluon, a Hopper (sm_90) GPU, not the interpreter."""
     if not (_HAVE_GLUON and not _INTERPRET and torch.cuda.is_available()):
         return False
     device = x.device if x is not None else torch.device("cuda")
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+    return device.type == "cuda" and _capability(device.index) == (9, 0)
 
 
 def _gluon_forward(q, k, v, config=None):
@@ -762,7 +776,7 @@ def _gluon_backward_suits(q, k):
     if not gluon_backward_available(q):
         return False
     programs = triton.cdiv(k.shape[1], 2 * GLUON_BWD_CONFIG["BLOCK_N"]) * q.shape[0] * q.shape[2]
-    return programs >= torch.cuda.get_device_properties(q.device).multi_processor_count
+    return programs >= _sm_count(q.device.index)
 
 
 def _gluon_backward(dout, q, k, v, out, lse, config=None):
@@ -942,10 +956,16 @@ def _triton_backward(dout, q, k, v, out, lse, config=None, q_split=None):
 _FALLBACK_QUERY_BLOCK = 1024
 
 
+_GLUON_FWD_MIN_KEYS = 1024
+
+
 def attention_forward(q, k, v):
     """Forward primitive used by ring attention: (out, lse) with lse [B, H, Sq] in fp32."""
     if _use_kernels(q):
-        return _gluon_forward(q, k, v) if gluon_available(q) else _triton_forward(q, k, v)
+        # Gluon on sm_90, except for short key sets (cross-attention's 512 keys: 208 vs 348 TFLOP/s
+        # for the Triton kernel, BENCH.md), where its pipeline never fills
+        gluon = gluon_available(q) and k.shape[1] >= _GLUON_FWD_MIN_KEYS
+        return _gluon_forward(q, k, v) if gluon else _triton_forward(q, k, v)
     compute = torch.promote_types(q.dtype, torch.float32)
     k32, v32 = k.to(compute), v.to(compute)
     outs, lses = zip(*(reference_attention(q[:, s:s + _FALLBACK_QUERY_BLOCK].to(compute), k32, v32)

@@ -158,6 +158,7 @@ def test_gpu_bf16_within_sdpa_error(B, Sq, Sk, H, D, forward, backward, monkeypa
         pytest.skip("the Gluon kernels need an sm_90 GPU")
     if forward == "triton":  # what non-Hopper GPUs run
         monkeypatch.setattr(attention, "gluon_available", lambda x=None: False)
+    monkeypatch.setattr(attention, "_GLUON_FWD_MIN_KEYS", 0)  # the Gluon forward for short keys too
     # The Gluon backward at any size here (in training it waits for enough key tiles to fill the GPU).
     monkeypatch.setattr(attention, "_gluon_backward_suits",
                         lambda q, k: backward == "gluon" and attention.gluon_backward_available(q))
@@ -185,8 +186,19 @@ def test_gpu_bf16_within_sdpa_error(B, Sq, Sk, H, D, forward, backward, monkeypa
     _, lse = attention.attention_forward(q, k, v)
     assert lse.dtype == torch.float32 and lse.shape == (B, H, Sq)
     assert (lse.double() - ref_lse).abs().max().item() < 1e-3
-    # the model's entry point takes the kernels on CUDA
-    torch.testing.assert_close(attention.attention(q, k, v), ours[0], rtol=0, atol=0)
+    # the model's entry point runs the same kernels (backend triton; auto may pick SDPA for short keys)
+    torch.testing.assert_close(attention.attention(q, k, v, backend="triton"), ours[0], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["auto", "triton", "triton-cudnn"])
+def test_gpu_backends_compile_without_graph_breaks(backend):
+    """Deciding the backend inside a compiled block (device queries included) keeps one graph."""
+    q, k, v = (torch.randn(1, S, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for S in (300, 2000, 2000))
+    fn = torch.compile(lambda q, k, v: attention.attention(q, k, v, backend).float().square().sum(),
+                       fullgraph=True)  # fullgraph: a graph break raises
+    torch.autograd.grad(fn(q, k, v), (q, k, v))
 
 
 def _compile_for_hopper(fn, signature, const, tmp_path):

@@ -35,6 +35,10 @@ def set_backend(name):
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
     _backend = name
+    if torch.cuda.is_available() and not _INTERPRET:  # before any compile: see _DEVICE_FACTS
+        triton_available()
+        for index in range(torch.cuda.device_count()):
+            _device_facts(index)
 
 
 def resolve_backend(q, backend=None, k=None):
@@ -718,26 +722,28 @@ if _HAVE_GLUON_BWD:
         return GluonTensorDescriptor(x, [x.numel()], [1], [block], layout)
 
 
-# Device facts are constants to torch.compile: `auto` decides per call inside compiled blocks, and a
-# device query dynamo cannot trace would otherwise break the block's graph in two.
-@torch.compiler.assume_constant_result
-def _capability(device_index):
-    """(major, minor) compute capability of a CUDA device (None: the current one)."""
-    return torch.cuda.get_device_capability(device_index)
+# `auto` decides per call, inside compiled (and checkpointed) blocks too, where a device query dynamo
+# cannot trace would break the block's graph: the facts are read from this cache, which set_backend
+# fills for every GPU before anything is compiled.
+_DEVICE_FACTS = {}  # device index -> (compute capability, number of multiprocessors)
 
 
-@torch.compiler.assume_constant_result
-def _sm_count(device_index):
-    """Number of multiprocessors of a CUDA device (None: the current one)."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _device_facts(index=None):
+    """(capability, SM count) of a CUDA device (None: the current one), cached."""
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _DEVICE_FACTS:
+        _DEVICE_FACTS[index] = (torch.cuda.get_device_capability(index),
+                                torch.cuda.get_device_properties(index).multi_processor_count)
+    return _DEVICE_FACTS[index]
 
 
 def gluon_available(x=None):
     """True when the Gluon forward can run: Gluon, a Hopper (sm_90) GPU, not the interpreter."""
-    if not (_HAVE_GLUON and not _INTERPRET and torch.cuda.is_available()):
+    if not (_HAVE_GLUON and not _INTERPRET):
         return False
-    device = x.device if x is not None else torch.device("cuda")
-    return device.type == "cuda" and _capability(device.index) == (9, 0)
+    if x is None:
+        return torch.cuda.is_available() and _device_facts()[0] == (9, 0)
+    return x.device.type == "cuda" and _device_facts(x.device.index)[0] == (9, 0)
 
 
 def _gluon_forward(q, k, v, config=None):
@@ -776,7 +782,7 @@ def _gluon_backward_suits(q, k):
     if not gluon_backward_available(q):
         return False
     programs = triton.cdiv(k.shape[1], 2 * GLUON_BWD_CONFIG["BLOCK_N"]) * q.shape[0] * q.shape[2]
-    return programs >= _sm_count(q.device.index)
+    return programs >= _device_facts(q.device.index)[1]
 
 
 def _gluon_backward(dout, q, k, v, out, lse, config=None):

@@ -193,12 +193,33 @@ def test_gpu_bf16_within_sdpa_error(B, Sq, Sk, H, D, forward, backward, monkeypa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["auto", "triton", "triton-cudnn"])
 def test_gpu_backends_compile_without_graph_breaks(backend):
-    """Deciding the backend inside a compiled block (device queries included) keeps one graph."""
-    q, k, v = (torch.randn(1, S, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for S in (300, 2000, 2000))
-    fn = torch.compile(lambda q, k, v: attention.attention(q, k, v, backend).float().square().sum(),
-                       fullgraph=True)  # fullgraph: a graph break raises
-    torch.autograd.grad(fn(q, k, v), (q, k, v))
+    """Deciding the backend inside a compiled, selectively checkpointed block (as train.py runs the DiT
+    blocks; device queries included) keeps one graph: fullgraph raises at a break."""
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    attention.set_backend(backend)
+    try:
+        def policy(ctx, op, *args, **kwargs):
+            return CheckpointPolicy.PREFER_RECOMPUTE
+
+        def context_fn():  # a plain function, as train.py's (torch.compile traces it)
+            return create_selective_checkpoint_contexts(policy)
+
+        # self-attention with enough key tiles for the Gluon backward (auto: ours), cross with 512 (auto: SDPA)
+        q, k, v = (torch.randn(1, 4096, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        kc, vc = (torch.randn(1, 512, 16, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        assert attention.resolve_backend(q, k=k) == ("triton" if backend == "auto" else backend)
+
+        def block(q, k, v):
+            x = attention.attention(q, k, v)
+            return attention.attention(x, kc, vc).float().square().sum()
+
+        fn = torch.compile(lambda q, k, v: checkpoint(block, q, k, v, use_reentrant=False,
+                                                      context_fn=context_fn), fullgraph=True)
+        torch.autograd.grad(fn(q, k, v), (q, k, v))
+    finally:
+        attention.set_backend("auto")
 
 
 def _compile_for_hopper(fn, signature, const, tmp_path):
@@ -367,11 +388,8 @@ def test_auto_backend_rule(monkeypatch):
 
 def test_backward_dispatch_gluon_only_where_the_keys_fill_the_gpu(monkeypatch):
     """attention_backward: the Gluon kernel when there are >= one CTA of 128 keys per SM, else Triton's."""
-    class Props:
-        multi_processor_count = 132
-
     monkeypatch.setattr(attention, "gluon_backward_available", lambda x=None: True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
+    monkeypatch.setattr(attention, "_device_facts", lambda index=None: ((9, 0), 132))
     monkeypatch.setattr(attention, "GLUON_BWD_CONFIG", dict(BLOCK_M=64, BLOCK_N=64, NUM_BUF=2), raising=False)
     q = torch.zeros(1, 63600, 16, 128)
     suits = lambda sk, heads=16: attention._gluon_backward_suits(q[:, :, :heads], torch.zeros(1, sk, heads, 128))  # noqa: E731

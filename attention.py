@@ -633,7 +633,7 @@ if _HAVE_GLUON_BWD:
             dq, dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dq, dv, dk, p_op, ds_op))
             mbarrier.arrive(ds_free.index(pb), count=1, pred=has_prev)
             mbarrier.wait(dq_empty.index(WG), (j & 1), pred=has_prev)  # the writer has sent tile j-2
-            dq_smem.store(_gl_dq_thread_major(dq * sm_scale))
+            dq_smem.store(_gl_dq_thread_major(dq * sm_scale))  # dS had no softmax scale
             fence_async_shared()
             mbarrier.arrive(dq_full.index(WG), count=1, pred=has_prev)
             mbarrier.arrive(q_empty.index(idx), count=1)

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 # triton: our kernels both ways; triton-cudnn: our forward with cuDNN's backward, fed our out and lse.
 # auto picks the fastest measured (BENCH.md): on Hopper our kernels for self-attention (Gluon forward
-# 1.07-1.12x and backward 1.06-1.14x cuDNN's) and SDPA (cuDNN) for cross-attention's 512 keys, where our
-# kernels are 0.84-0.87x; on other GPUs with Triton triton-cudnn; SDPA elsewhere.
+# 1.07-1.18x and backward 1.02-1.11x cuDNN's) and SDPA (cuDNN) for cross-attention's 512 keys, where our
+# kernels are 0.65x / 0.88x; on other GPUs with Triton triton-cudnn; SDPA elsewhere.
 BACKENDS = ("auto", "sdpa", "triton", "triton-cudnn", "reference")
 _backend = "auto"
 
@@ -519,7 +519,7 @@ if _HAVE_GLUON:
 #     stmatrix writes without bank conflicts (the row-major fp32 tile cost 2x the shared-memory
 #     wavefronts, ~9 % of all of them), and a dQ-writer warp adds it into an fp32 buffer of the same
 #     tiled layout with TMA reduce-add; a copy puts dQ back in [B, S, H, D] at the end.
-# 198 KB of shared memory, 12 warps. Measured on an H100 (BENCH.md): 1.06-1.14x cuDNN's backward.
+# 198 KB of shared memory, 12 warps. Measured on an H100 (BENCH.md): 1.02-1.11x cuDNN's backward.
 # Used for the `triton` and `auto` backends and ring attention on sm_90 when the keys give enough CTAs to
 # fill the GPU (cross-attention's 512 keys take cuDNN under `auto`, the Triton kernel under `triton`).
 if _HAVE_GLUON_BWD:
@@ -716,6 +716,12 @@ if _HAVE_GLUON_BWD:
     # The thread-major dQ tiles assume BLOCK_M = 64 (one wgmma row block of 4 warps).
     GLUON_BWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, NUM_BUF=2)
 
+    def _gl_dq_tiles_desc(dq_tiles, D):
+        """TMA descriptor over the fp32 thread-major dQ tiles [rows, 128]: [D/4 slots, 128 threads] boxes,
+        unswizzled (the consumers' stmatrix writes them without bank conflicts as they are)."""
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+        return GluonTensorDescriptor(dq_tiles, list(dq_tiles.shape), [128, 1], [D // 4, 128], layout)
+
     def _gl_vec_desc(x, block):
         """1-D Gluon TMA descriptor over a contiguous fp32 tensor, [block] tiles."""
         layout = gl.NVMMASharedLayout.get_default_for([block], gl.float32)
@@ -802,15 +808,13 @@ def _gluon_backward(dout, q, k, v, out, lse, config=None):
     nt = Sq_pad // bm
     vals = D // 4  # each warpgroup's [64, D/2] dQ tile as [D/4 value slots, 128 threads]
     dq_tiles = torch.zeros((B * H * nt * 2 * vals, 128), dtype=torch.float32, device=q.device)
-    dq_desc = GluonTensorDescriptor(dq_tiles, list(dq_tiles.shape), [128, 1], [vals, 128],
-                                    gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     sm_scale = 1.0 / math.sqrt(D)
     grid = (triton.cdiv(Sk, 2 * bn), B * H)
     # 12 warps at launch (2 consumer warpgroups + 1 for the loader and dQ-writer warps), 168 registers
     # each; setmaxnreg then moves them to the consumers (240 + 240 + 24 per thread of each warpgroup).
     _gl_attn_bwd_kernel[grid](_gl_desc(q, bm), _gl_desc(dout, bm), _gl_desc(k, bn), _gl_desc(v, bn),
-                              _gl_desc(dk, bn), _gl_desc(dv, bn), dq_desc,
+                              _gl_desc(dk, bn), _gl_desc(dv, bn), _gl_dq_tiles_desc(dq_tiles, D),
                               _gl_vec_desc(lse2, bm), _gl_vec_desc(delta, bm), H, Sq, Sq_pad,
                               sm_scale * 1.4426950408889634, sm_scale, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
                               NUM_BUF=cfg["NUM_BUF"], BAR_N=triton.next_power_of_2(cfg["NUM_BUF"]),

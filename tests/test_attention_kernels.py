@@ -269,10 +269,7 @@ def test_gluon_backward_compiles_for_hopper(D, tmp_path):
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     x = torch.zeros(1, 256, 2, D, dtype=torch.bfloat16)  # descriptors only need shapes and strides
     dm, dn = mangle_type(attention._gl_desc(x, bm)), mangle_type(attention._gl_desc(x, bn))
-    tiles = torch.zeros(4096, 128)  # the thread-major dQ tiles: [D/4 slots, 128 threads] boxes
-    dq = mangle_type(attention.GluonTensorDescriptor(
-        tiles, list(tiles.shape), [128, 1], [D // 4, 128],
-        attention.gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)))
+    dq = mangle_type(attention._gl_dq_tiles_desc(torch.zeros(4096, 128), D))  # thread-major dQ tiles
     vec = mangle_type(attention._gl_vec_desc(torch.zeros(512), bm))
     signature = dict(desc_q=dm, desc_do=dm, desc_k=dn, desc_v=dn, desc_dk=dn, desc_dv=dn, desc_dq=dq,
                      desc_lse=vec, desc_delta=vec, H="i32", Sq="i32", Sq_pad="i32", qk_scale="fp32",

@@ -410,6 +410,8 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
     ema = train.EMA([(n, params[n]) for n in trainable], offload=offload != "none")
     optimizer, scheduler = train.build_optimizer(config, trainable_params)
     vae = random_vae(config, device, torch.bfloat16 if config["precision"] == "bf16" else torch.float32)
+    if config["compile"]:
+        train.compile_vae(vae)  # as train.build_vae
     # Seeded by the dp rank, as train.py's sampler runs over dp: the ranks of a cp group hold the same sample.
     batches = [synthetic_batch(config, s["n_views"], seed=dp_rank * 1000 + i, device=device) for i in range(2)]
     sync(device)

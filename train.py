@@ -87,11 +87,12 @@ DEFAULTS = dict(
     # the last N blocks are not checkpointed at all (they keep every activation: no recompute), where
     # memory is left over, e.g. 480p on one 80 GB GPU; 0 = checkpoint every block as the mode says.
     uncheckpointed_blocks=0,
-    # attention.py backend. auto: our Gluon forward + cuDNN's backward (triton-cudnn) on Hopper GPUs, SDPA
-    # elsewhere. One H100, 2B at 480p, compiled: 9.37 s/it with triton-cudnn vs 9.49 with sdpa (BENCH.md).
+    # attention.py backend. auto: our kernels both ways for self-attention on Hopper (SDPA for cross-
+    # attention's 512 keys), our forward + cuDNN's backward on newer GPUs, SDPA elsewhere (attention.py).
     attention_backend="auto",
-    # torch.compile every DiT block (inside its checkpoint): fuses the fp32 elementwise chains (RMSNorm,
-    # RoPE, LayerNorm + modulation, gates, residuals). The first iteration pays the compilation.
+    # torch.compile every DiT block (inside its checkpoint) and the VAE encoder: fuses the elementwise
+    # chains (RMSNorm, RoPE, LayerNorm + modulation, gates, residuals; the VAE's norm -> SiLU -> pad).
+    # The first iteration pays the compilation.
     compile=False,
     offload="none",  # none | ema: EMA in CPU memory, updated in a background thread | all: also the fp32
     # master weights, gradients and AdamW (FSDP2 CPU offload; the CPU step runs in the background behind
@@ -811,8 +812,32 @@ def build_optimizer(config, trainable_params):
 def build_vae(config, device, dtype):
     """The frozen VAE: the official Wan2.1 file, or (demo) a random one rebuilt identically from vae_seed."""
     if config["vae"] == "tiny":
-        return model.build_vae("tiny", seed=config["vae_seed"], dtype=dtype, device=device)
-    return model.build_vae(config["vae"], path=config["vae_path"], dtype=dtype, device=device)
+        vae = model.build_vae("tiny", seed=config["vae_seed"], dtype=dtype, device=device)
+    else:
+        vae = model.build_vae(config["vae"], path=config["vae_path"], dtype=dtype, device=device)
+    if config["compile"]:
+        compile_vae(vae)
+    return vae
+
+
+def compile_vae(vae):
+    """torch.compile the VAE encoder (training encodes online; sampling only decodes and stays eager).
+
+    Eager, every RMS norm -> SiLU -> causal time pad before a convolution is a handful of full-size memory
+    passes; compiled, one kernel. Channels-last activations and weights spare cuDNN its NCHW <-> NHWC
+    conversions around every convolution. Together they take the VAE phase of a 480p-5v iteration on an
+    H100 from 1.55 s to 0.9 s (BENCH.md). One graph per chunk length (frame 0, temporal_window frames, rest).
+    """
+    encoder = vae.encoder
+    for p in encoder.parameters():  # frozen: swapping .data in place is safe
+        if p.dim() in (4, 5):
+            p.data = p.data.contiguous(memory_format=torch.channels_last if p.dim() == 4 else torch.channels_last_3d)
+    eager_forward = encoder.forward
+
+    def channels_last_forward(x_BCTHW, cache=None):
+        return eager_forward(x_BCTHW.contiguous(memory_format=torch.channels_last_3d), cache)
+
+    encoder.forward = torch.compile(channels_last_forward, dynamic=False)
 
 
 @torch.no_grad()

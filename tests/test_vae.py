@@ -70,6 +70,21 @@ def test_golden_encode_decode(path):
     assert rel_err(vae.decode(golden["latent"], chunk=0), golden["decoded"]) < 1e-5
 
 
+@pytest.mark.parametrize("path", GOLDEN_VAES[:1], ids=os.path.basename)
+def test_compiled_encoder_matches_golden(path):
+    """train.compile_vae (compile=True) traces the chunked encoder, cache and all, to the reference numbers."""
+    import train  # here: the other tests need only model.py
+
+    golden = torch.load(path, weights_only=True)
+    vae = load_vae(path, dtype=torch.float32, config=our_config(golden["config"]))
+    eager = vae.encode(golden["video"])
+    train.compile_vae(vae)
+    compiled = vae.encode(golden["video"])
+    assert rel_err(compiled, golden["latent"]) < 1e-5
+    assert rel_err(compiled, eager) < 1e-6
+    assert vae.encode(golden["video"]).equal(compiled)  # the second call reuses the graphs
+
+
 def test_tiny_preset_is_the_golden_config():
     golden = torch.load(os.path.join(GOLDEN, "vae_tiny.pt"), weights_only=True)
     assert our_config(golden["config"]) == VAE_PRESETS["tiny"]

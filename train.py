@@ -821,7 +821,7 @@ def build_vae(config, device, dtype):
 
 
 def compile_vae(vae):
-    """torch.compile the VAE encoder (training encodes online; sampling only decodes and stays eager).
+    """torch.compile the VAE encoder, which training runs on every batch (sample.py keeps its VAE eager).
 
     Eager, every RMS norm -> SiLU -> causal time pad before a convolution is a handful of full-size memory
     passes; compiled, one kernel. Channels-last activations and weights spare cuDNN its NCHW <-> NHWC

@@ -1,6 +1,6 @@
 """Benchmark post-training: real training iterations of the 2B multiview DiT, attention kernels, VAE, sampling.
 
-    python bench.py                                   # everything on one GPU (~20 min on an H100)
+    python bench.py                                   # everything on one GPU (~25 min on an H100)
     torchrun --nproc_per_node=8 bench.py --setups 720p-7v   # data parallel over the GPUs torchrun gives
     torchrun --nproc_per_node=2 bench.py --runs 480p-5v:triton:1:1 --cp 2   # context parallel: 2 GPUs, one sample
     python bench.py --runs 480p-5v:triton:1:3 480p-5v:sdpa:1:3   # SETUP:BACKEND[:WARMUP:ITERS][:compile]
@@ -767,7 +767,7 @@ def main(argv=None):
     p.add_argument("--setups", nargs="*", help=f"training setups (default all but tiny): {list(SETUPS)}")
     p.add_argument("--backends", nargs="*", help=f"attention backends for training {BACKENDS} "
                                                  "(default on Hopper: sdpa eager and auto compiled -- the last one also "
-                                                 "runs 720p-7v and LoRA; sdpa and reference on CPU)")
+                                                 "runs LoRA; sdpa and reference on CPU)")
     p.add_argument("--plan", action="append", default=[], metavar="SETUP=AC:OFFLOAD[:BLOCKS]",
                    help="force a memory plan, e.g. 720p-5v=full:all; BLOCKS: save_attention in the first BLOCKS "
                         "blocks only (720p-5v=save_attention:ema:14); repeat for fallbacks, tried in order")
@@ -832,14 +832,14 @@ def default_runs(setups, backends, tiny, warmup, iters, compile, kernels):
     """The training runs of a plain `python bench.py`: [(setup, backend, warmup, iters, compiled)].
 
     On a GPU with our kernels: what a user would otherwise pick (SDPA, eager) beside ours as train.py runs
-    fastest (attention_backend=auto: on Hopper our Gluon forward and backward for self-attention, cuDNN
-    for cross-attention; compiled blocks). The longest setup and LoRA run once, with the last (preferred) backend.
-    --backends replaces the pair (compiled only with --compile).
+    fastest (attention_backend=auto: on Hopper our Gluon forward and backward for self-attention, SDPA
+    for cross-attention; compiled blocks and VAE encoder). LoRA runs once, with the last (preferred)
+    backend. --backends replaces the pair (compiled only with --compile).
     """
     ours = "auto" if kernels and not tiny else None
     chosen = backends or (["sdpa", "reference"] if tiny else ["sdpa"] + ([ours] if ours else []))
     return [(s, b, warmup, iters, compile or (not backends and b == ours)) for s in setups for b in chosen
-            if tiny or not (s == "720p-7v" or s.startswith("lora")) or b == chosen[-1]]
+            if tiny or not s.startswith("lora") or b == chosen[-1]]
 
 
 def _main(p, args, plans, runs, rank, world, device):

@@ -96,7 +96,7 @@ DEFAULTS = dict(
     compile=False,
     offload="none",  # none | ema: EMA in CPU memory, updated in a background thread | all: also the fp32
     # master weights, gradients and AdamW (FSDP2 CPU offload; the CPU step runs in the background behind
-    # the next VAE encode) -- what lets one 80 GB GPU train 720p-7v (67.8 s/it on an H100, BENCH.md)
+    # the next VAE encode) -- what lets one 80 GB GPU train 720p-7v (68-70 s/it on an H100, BENCH.md)
     lora_rank=0,  # > 0: train LoRA adapters only (lora.py)
     lora_alpha=0,
     lora_targets="q_proj,k_proj,v_proj,output_proj,mlp.layer1,mlp.layer2",

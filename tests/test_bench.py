@@ -313,10 +313,13 @@ def test_default_runs_put_ours_compiled_beside_sdpa():
     runs = bench.default_runs(setups, None, False, 1, 2, False, kernels=True)
     assert runs == [("480p-5v", "sdpa", 1, 2, False), ("480p-5v", "auto", 1, 2, True),
                     ("720p-5v", "sdpa", 1, 2, False), ("720p-5v", "auto", 1, 2, True),
-                    ("720p-7v", "auto", 1, 2, True), ("lora-720p-5v", "auto", 1, 2, True)]
+                    ("720p-7v", "sdpa", 1, 2, False), ("720p-7v", "auto", 1, 2, True),
+                    ("lora-720p-5v", "auto", 1, 2, True)]
     # no kernels (other GPUs): SDPA alone, eager; --backends: as given, compiled only with --compile
     assert bench.default_runs(["480p-5v"], None, False, 1, 2, False, kernels=False) == [("480p-5v", "sdpa", 1, 2, False)]
-    assert bench.default_runs(["720p-7v"], ["triton", "sdpa"], False, 0, 1, True, kernels=True) == [
-        ("720p-7v", "sdpa", 0, 1, True)]
+    assert bench.default_runs(["lora-720p-5v"], ["triton", "sdpa"], False, 0, 1, True, kernels=True) == [
+        ("lora-720p-5v", "sdpa", 0, 1, True)]
+    assert bench.default_runs(["720p-7v"], ["triton"], False, 0, 1, False, kernels=True) == [
+        ("720p-7v", "triton", 0, 1, False)]
     assert bench.default_runs(["tiny"], None, True, 1, 2, False, kernels=False) == [
         ("tiny", "sdpa", 1, 2, False), ("tiny", "reference", 1, 2, False)]

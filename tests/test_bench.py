@@ -323,3 +323,21 @@ def test_default_runs_put_ours_compiled_beside_sdpa():
         ("720p-7v", "triton", 0, 1, False)]
     assert bench.default_runs(["tiny"], None, True, 1, 2, False, kernels=False) == [
         ("tiny", "sdpa", 1, 2, False), ("tiny", "reference", 1, 2, False)]
+
+
+def test_dev_bench_attention_captures_a_training_steps_self_attention():
+    """dev/bench_attention.py --in-model: the tensors come from the last block's self-attention backward of a
+    real bench.py step (tiny setup: 2 views x 2 latent frames x 4 x 6 tokens), and the wrapper is removed."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "dev" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("dev_bench_attention", path)
+    dev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev)
+    backward = attention.attention_backward
+    q, k, v, do = dev.capture_training_inputs("tiny", min_keys=1, backend="triton")  # CPU: reference kernels
+    assert attention.attention_backward is backward
+    assert q.shape == k.shape == v.shape == do.shape == (1, 96, 2, 64)
+    assert do.abs().max() > 0 and not torch.equal(q, k)
+    # q and k went through the per-head RMSNorm (weight 1 at init), then RoPE, which keeps the norm
+    torch.testing.assert_close(q.float().square().mean(-1), torch.ones(1, 96, 2), rtol=1e-3, atol=1e-3)

@@ -40,7 +40,9 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -236,6 +238,59 @@ def free_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
+# What the card did while a run was timed. The same iteration ran at 8.3 s on one H100 and 9.1 s on another
+# whose GPU reached 83 C and throttled (BENCH.md, sixth session): every training row records its card's
+# clocks, power, temperature and the reasons the driver gave for lowering the clock, sampled by nvidia-smi.
+CLOCK_EVENTS = {0x4: "power_cap", 0x8: "hw_slowdown", 0x20: "thermal", 0x40: "thermal", 0x80: "power_brake"}
+
+
+def summarize_clocks(lines):
+    """nvidia-smi CSV lines 'MHz, W, C, 0xREASONS' -> medians over the busy samples and event shares, or None."""
+    busy = []
+    for line in lines:
+        try:
+            mhz, watts, celsius, reasons = (f.strip() for f in line.split(","))
+            sample = float(mhz), float(watts), float(celsius), int(reasons, 16)
+        except ValueError:  # a header, a cut last line, "[N/A]"
+            continue
+        if not sample[3] & 0x1:  # 0x1: GPU idle
+            busy.append(sample)
+    if not busy:
+        return None
+    share = lambda mask: sum(1 for b in busy if b[3] & mask) / len(busy)  # noqa: E731
+    return dict(samples=len(busy), sm_mhz=statistics.median(b[0] for b in busy),
+                power_w=statistics.median(b[1] for b in busy), max_temp_c=max(b[2] for b in busy),
+                **{name: share(sum(m for m, n in CLOCK_EVENTS.items() if n == name))
+                   for name in dict.fromkeys(CLOCK_EVENTS.values())})
+
+
+class ClockMonitor:
+    """Samples the GPU with nvidia-smi in the background from start() to stop() (no-op without one)."""
+
+    def __init__(self, device, period_ms=500):
+        self.proc, self.cmd = None, None
+        if device.type == "cuda" and shutil.which("nvidia-smi"):
+            p = torch.cuda.get_device_properties(device)
+            if not hasattr(p, "pci_domain_id"):  # older torch
+                return
+            bus = f"{p.pci_domain_id:08X}:{p.pci_bus_id:02X}:{p.pci_device_id:02X}.0"  # CUDA_VISIBLE_DEVICES-proof
+            self.cmd = ["nvidia-smi", f"--id={bus}", f"-lms={period_ms}", "--format=csv,noheader,nounits",
+                        "--query-gpu=clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active"]
+
+    def start(self):
+        if self.cmd:
+            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def stop(self):
+        """Summary of the samples since start() (summarize_clocks), or None."""
+        if self.proc is None:
+            return None
+        self.proc.terminate()
+        out, _ = self.proc.communicate()
+        self.proc = None
+        return summarize_clocks(out.splitlines())
+
+
 def gemm_peak(device, tiny):
     """Dense matmul rate (TFLOP/s): bf16 8192^3 on a GPU (the MFU denominator), fp32 256^3 on the CPU."""
     n, dtype = (256, torch.float32) if tiny else (8192, torch.bfloat16)
@@ -418,10 +473,12 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
     build_s = time.perf_counter() - t_build
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rows = []
+    rows, monitor, clocks = [], ClockMonitor(device), None
     try:
         with attention_context(backend):
             for it in range(warmup + iters):
+                if it == warmup:
+                    monitor.start()  # the timed iterations only
                 phases, last = {}, [time.perf_counter()]
 
                 def mark(name):
@@ -445,6 +502,7 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
                           + " ".join(f"{k} {v:.2f}s" for k, v in phases.items()) + f" loss {loss:.3f}", flush=True)
             train.finish_step(optimizer)
             ema.wait()
+            clocks = monitor.stop()
             peak = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
                     else train.peak_memory_gb(device))
             reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else None
@@ -457,6 +515,7 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
                 train.finish_step(optimizer)
                 ema.wait()
     finally:
+        monitor.stop()
         train.finish_step(optimizer)
         ema.wait()
         del net, params, trainable_params, ema, optimizer, scheduler, vae, batches
@@ -486,7 +545,7 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
                 # of the whole iteration (all ranks); per-sample FLOPs are the same at any cp (the ring splits them)
                 model_flops=fl["model"] * samples, hardware_flops=fl["hardware"] * samples, forward_flops=fl["forward"],
                 attention_share=fl["attention_share"], peak_mem_gib=peak, peak_reserved_gib=reserved,
-                gpu_s_per_sample=med["total"] * world / samples, profile=profiled)
+                gpu_s_per_sample=med["total"] * world / samples, profile=profiled, clocks=clocks)
 
 
 def train_with_fallback(setup, backend, iters, warmup, device, rank, world, parallel, plans=None, overrides=(),
@@ -681,6 +740,17 @@ def markdown(res):
                        f"{m['optimizer']:.2f} | {pf:.2f} | {tf:.0f} ({hw:.0f}) | {mfu} | "
                        f"{r['peak_mem_gib']:.1f} | {cmp_} | {ratio} |")
         out.append("")
+        for r in res["training"]:  # what the card did meanwhile (a hot card throttles: compare like with like)
+            c = r.get("clocks")
+            if c:
+                out.append(f"- {setup_name(r)} {r['backend']}{' compiled' if r.get('compile') else ''}, card during "
+                           f"the timed iterations ({c['samples']} busy samples): SM clock median {c['sm_mhz']:.0f} MHz, "
+                           f"power median {c['power_w']:.0f} W, up to {c['max_temp_c']:.0f} C; clock lowered for the "
+                           f"power cap in {100 * c['power_cap']:.0f} % of the samples, for temperature in "
+                           f"{100 * c['thermal']:.0f} %, by hardware slowdown / power brake in "
+                           f"{100 * (c['hw_slowdown'] + c['power_brake']):.0f} %.")
+        if out[-1]:
+            out.append("")
         for r in res["training"]:  # what compiling cost (its first iteration) and whether it split the blocks
             if r.get("compile") and "median" in r:
                 c = r.get("compiled") or {}

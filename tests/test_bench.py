@@ -341,3 +341,22 @@ def test_dev_bench_attention_captures_a_training_steps_self_attention():
     assert do.abs().max() > 0 and not torch.equal(q, k)
     # q and k went through the per-head RMSNorm (weight 1 at init), then RoPE, which keeps the norm
     torch.testing.assert_close(q.float().square().mean(-1), torch.ones(1, 96, 2), rtol=1e-3, atol=1e-3)
+
+
+def test_clock_summary_counts_busy_samples_and_throttle_reasons():
+    """summarize_clocks: idle samples (0x1) and unparsable lines are left out; reasons become shares."""
+    lines = ["345, 76.9, 53, 0x0000000000000001",  # idle
+             "1980, 376.9, 62, 0x0000000000000000",
+             "1575, 699.4, 76, 0x0000000000000004",  # power cap
+             "1365, 667.2, 79, 0x0000000000000020",  # software thermal slowdown
+             "1275, 671.4, 83, 0x0000000000000024",  # both
+             "[N/A], [N/A], 80, 0x0",  # unreadable
+             "1470, 62"]  # cut by the monitor's stop
+    c = bench.summarize_clocks(lines)
+    assert c["samples"] == 4
+    assert c["sm_mhz"] == (1365 + 1575) / 2 and c["power_w"] == (667.2 + 671.4) / 2 and c["max_temp_c"] == 83
+    assert (c["power_cap"], c["thermal"], c["hw_slowdown"], c["power_brake"]) == (0.5, 0.5, 0.0, 0.0)
+    assert bench.summarize_clocks(lines[:1]) is None
+    monitor = bench.ClockMonitor(torch.device("cpu"))  # no GPU: a no-op that reports nothing
+    monitor.start()
+    assert monitor.stop() is None

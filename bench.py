@@ -324,6 +324,16 @@ def attention_impls(device):
     return impls
 
 
+def kernel_time(fn, device, reps):
+    """Median seconds of one call: CUDA events over back-to-back calls on a GPU (triton's do_bench), so a
+    millisecond kernel is not timed together with its launch and a synchronisation; median_time elsewhere."""
+    if device.type == "cuda" and attention.triton_available():
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=max(100, 20 * reps), return_mode="median") / 1e3
+    return median_time(fn, device, reps=reps)
+
+
 def kernel_table(device, shapes, heads, head_dim, reps):
     """Forward and backward TFLOP/s of every attention implementation at (name, Sq, Sk) shapes."""
     rows = []
@@ -337,9 +347,9 @@ def kernel_table(device, shapes, heads, head_dim, reps):
         for impl, fn in attention_impls(device).items():
             try:
                 leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-                fwd = median_time(lambda: fn(*leaves), device, reps=reps)
+                fwd = kernel_time(lambda: fn(*leaves), device, reps)
                 out = fn(*leaves)
-                bwd = median_time(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True), device, reps=reps)
+                bwd = kernel_time(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True), device, reps)
                 row[impl] = dict(fwd_s=fwd, bwd_s=bwd, fwd_tflops=fwd_flops / fwd / 1e12,
                                  bwd_tflops=2.5 * fwd_flops / bwd / 1e12)
                 del out, leaves

@@ -244,8 +244,8 @@ def capture_training_inputs(setup, min_keys=1024, backend="auto"):
 def in_model(args):
     """Ours and cuDNN on a training step's own q, k, v, dO beside random tensors of the same shape.
 
-    Inside a 480p-5v iteration our backward runs ~7 % below its rate here, and lower clocks under the
-    power cap do not explain it (BENCH.md, fifth session); this separates the data from everything else.
+    Inside a 480p-5v iteration our backward ran ~7 % below its rate here; this separates the data from
+    everything else. Answer (BENCH.md, sixth session): the step's tensors run as fast as random ones.
     """
     captured = capture_training_inputs(args.in_model)
     q = captured[0]

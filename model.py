@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from attention import attention, register_ring_group, ring_attention
+from conv import conv3d_3x3x3
 
 # ---------------------------------------------------------------------------------------------------
 # 1. Configs
@@ -632,6 +633,7 @@ class CausalConv3d(nn.Conv3d):
         pad_t, pad_h, pad_w = (padding,) * 3 if isinstance(padding, int) else padding
         super().__init__(in_dim, out_dim, kernel, stride=stride, padding=(0, pad_h, pad_w))
         self.time_pad = 2 * pad_t
+        self.use_triton = False  # conv.py's kernel instead of cuDNN (train.compile_vae sets it where faster)
 
     def forward(self, x_BCTHW, cache=None):
         front = self.time_pad
@@ -641,10 +643,14 @@ class CausalConv3d(nn.Conv3d):
         if prev is None:
             B, C, _, H, W = x_BCTHW.shape
             prev = x_BCTHW.new_zeros(B, C, front, H, W)
+            if x_BCTHW.is_contiguous(memory_format=torch.channels_last_3d):  # keep the layout through the cat
+                prev = prev.contiguous(memory_format=torch.channels_last_3d)  # (else a channels-last copy)
         x_BCTHW = torch.cat([prev, x_BCTHW], dim=2)  # [B, C, front + T, H, W]
         if cache is not None:
             # clone, so that the cache does not keep the whole chunk alive
             cache[self] = x_BCTHW[:, :, -front:].clone()
+        if self.use_triton:  # the kernel pads H and W itself (3x3x3 layers only, see conv.py)
+            return conv3d_3x3x3(x_BCTHW, self.weight, self.bias)
         return super().forward(x_BCTHW)
 
 

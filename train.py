@@ -52,6 +52,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import attention
+import conv
 from embed import NUM_TOKENS, find_embedding, load_embedding
 import model
 from model import VAE_PRESETS, build_dit, denoise, dit_config
@@ -830,6 +831,9 @@ def compile_vae(vae):
     for p in encoder.parameters():  # frozen: swapping .data in place is safe
         if p.dim() in (4, 5):
             p.data = p.data.contiguous(memory_format=torch.channels_last if p.dim() == 4 else torch.channels_last_3d)
+    for m in encoder.modules():  # the 96-channel full-resolution convolutions: conv.py's kernel on Hopper
+        if isinstance(m, model.CausalConv3d) and m.time_pad == 2 and conv.triton_conv3d_suits(m.weight):
+            m.use_triton = True
     eager_forward = encoder.forward
 
     def channels_last_forward(x_BCTHW, cache=None):

@@ -106,3 +106,29 @@ def test_kernel_bf16_error_within_cudnn_on_gpu():
     err = lambda y: ((y.double() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
     assert ours.is_contiguous(memory_format=torch.channels_last_3d)
     assert err(ours) <= 1.5 * err(cudnn) + 1e-6, (err(ours), err(cudnn))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
+                    reason="needs a Hopper GPU")
+def test_compiled_encoder_with_kernel_within_cudnn_error_on_gpu():
+    """train.compile_vae puts the 96-channel layers on the kernel; the bf16 latent stays as close to float64."""
+    import copy
+
+    import model
+    import train
+
+    torch.manual_seed(0)
+    reference = model.WanVAE(**model.VAE_PRESETS["wan2.1"]).cuda().double().eval().requires_grad_(False)
+    video = torch.randint(0, 256, (1, 3, 5, 64, 96), dtype=torch.uint8, device="cuda")
+    ref = reference.encode(video)
+    latents = {}
+    for use_kernel in (True, False):
+        vae = copy.deepcopy(reference).to(torch.bfloat16)
+        train.compile_vae(vae)
+        convs = [m for m in vae.encoder.modules() if isinstance(m, model.CausalConv3d)]
+        assert sum(m.use_triton for m in convs) == (4 if conv._TRITON_CONV_ON else 0)  # stage 0's 96 -> 96 convs
+        for m in convs:
+            m.use_triton = m.use_triton and use_kernel
+        latents[use_kernel] = vae.encode(video)
+    err = {k: ((v.double() - ref).abs().max() / ref.abs().max()).item() for k, v in latents.items()}
+    assert err[True] <= 1.5 * err[False] + 1e-6, err

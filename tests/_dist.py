@@ -1,5 +1,6 @@
 """Helpers for tests that run several processes joined in one gloo (CPU) or NCCL (GPU) group on this machine."""
 
+import gc
 import socket
 
 import torch
@@ -22,6 +23,10 @@ def _process(rank, world, port, fn, args, backend="gloo"):
                             device_id=torch.device("cuda", rank) if backend == "nccl" else None)
     try:
         fn(rank, world, *args)
+        # Leave together, with no finished transfer (Work) object still alive: a gloo process was once
+        # seen to abort at teardown (SIGABRT, "terminate called without an active exception") in CI.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -3,7 +3,9 @@
 Wan2.1's encoder spends a third of its FLOPs (117 of 299 TFLOP for a 480p-5v batch) in the 96 -> 96
 channel 3x3x3 convolutions at full resolution. cuDNN runs those at ~300 TFLOP/s on an H100 (its tiles
 suit wider layers: it reaches 460-640 TFLOP/s on the 192- and 384-channel ones); this kernel reaches
-~395 (dev/bench_conv.py). So train.py's compiled encoder uses it for the 96-channel layers only.
+~395 (dev/bench_conv.py). So train.py's compiled encoder uses it for the 96-channel layers only, on
+Hopper, where it was measured: there it takes 0.02-0.04 s off the VAE phase of a 480p-5v iteration (the
+encoder's cuDNN calls run faster inside the compiled graph than alone; BENCH.md, seventh session).
 
 Sections, in reading order:
   1. reference   F.conv3d with the same contract (the tests run it in float64)
@@ -113,10 +115,10 @@ if _HAVE_TRITON:
 
 
 def triton_conv3d_suits(weight):
-    """Use the kernel for this layer? CUDA on Hopper or newer (TMA), 16-bit, 3x3x3, a measured-faster width."""
+    """Use the kernel for this layer? A Hopper GPU (sm_90, where it was measured), 16-bit, 3x3x3, a faster width."""
     if not (_TRITON_CONV_ON and _HAVE_TRITON and weight.is_cuda and not _INTERPRET):
         return False
-    return (torch.cuda.get_device_capability(weight.device)[0] >= 9 and weight.dtype in (torch.bfloat16, torch.float16)
+    return (torch.cuda.get_device_capability(weight.device) == (9, 0) and weight.dtype in (torch.bfloat16, torch.float16)
             and tuple(weight.shape[2:]) == (3, 3, 3) and (weight.shape[1], weight.shape[0]) in FAST_CHANNELS)
 
 

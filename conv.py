@@ -68,7 +68,10 @@ if _HAVE_TRITON:
 
     def _prune_configs(configs, named_args, **kwargs):
         cin = named_args.get("Cin", kwargs.get("Cin"))
-        return [c for c in configs if cin % c.kwargs["BK"] == 0] or configs[:1]
+        fits = [c for c in configs if cin % c.kwargs["BK"] == 0]  # a partial chunk would drop channels
+        if not fits:
+            raise ValueError(f"triton conv3d: no tile config divides {cin} input channels")
+        return fits
 
     def _set_boxes(nargs):
         """TMA box shapes follow the config being tried (the descriptors are made before autotuning)."""
@@ -126,9 +129,10 @@ def _triton_conv3d(x_BCTHW, weight, bias=None):
     """The kernel behind conv3d_3x3x3: [B, C, T+2, H, W] -> [B, Cout, T, H, W], both channels-last."""
     B, C, Tp, H, W = x_BCTHW.shape
     Cout = weight.shape[0]
-    if C % 16 or Cout % 8 or Tp < 3:
-        raise ValueError(f"triton conv3d needs input channels % 16 == 0, output channels % 8 == 0 and >= 3 "
-                         f"frames; got {C} -> {Cout} channels, {Tp} frames")
+    cin_multiple = 16 if _INTERPRET else 32  # the smallest BK among the configs
+    if C % cin_multiple or Cout % 8 or Tp < 3:
+        raise ValueError(f"triton conv3d needs input channels % {cin_multiple} == 0, output channels % 8 == 0 "
+                         f"and >= 3 frames; got {C} -> {Cout} channels, {Tp} frames")
     x = x_BCTHW.contiguous(memory_format=torch.channels_last_3d).permute(0, 2, 3, 4, 1)  # [B, T+2, H, W, C]
     w = weight.to(x.dtype).permute(2, 3, 4, 1, 0).reshape(27 * C, Cout).contiguous()  # [(dt dh dw ci), co]
     out = torch.empty((B, Tp - 2, H, W, Cout), dtype=x.dtype, device=x.device)

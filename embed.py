@@ -88,12 +88,12 @@ def load_t5(path, device="cpu", dtype=torch.float32):
     try:
         tokenizer = T5TokenizerFast.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # e.g. only spiece.model present and no protobuf to convert it
-        raise RuntimeError(f"could not load the T5 tokenizer from {path} (tokenizer.json is the safe file to "
+        raise ValueError(f"could not load the T5 tokenizer from {path} (tokenizer.json is the safe file to "
                            f"have; converting spiece.model needs the protobuf package): {e}") from e
     try:
         encoder = T5EncoderModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     except Exception as e:  # truncated download, wrong architecture, ...
-        raise RuntimeError(f"could not load the T5 encoder weights from {path}: {e}") from e
+        raise ValueError(f"could not load the T5 encoder weights from {path}: {e}") from e
     encoder = encoder.to(device).eval().requires_grad_(False)
     return tokenizer, encoder
 

@@ -15,6 +15,7 @@ T = V * T_per_view ("(V T)"). Tokens are flattened in (view, frame, row, column)
 """
 
 import functools
+import io
 import math
 import os
 import warnings
@@ -44,10 +45,10 @@ DIT_DEFAULTS = dict(
     crossattn_emb_channels=1024,  # T5-XXL width
     adaln_lora_dim=256,
     n_cameras_emb=7,  # rows of the view-embedding table (= its width, concatenated as channels)
-    state_t=8,  # latent frames per view the model was trained with (29 pixel frames)
-    max_img_h=240,  # RoPE table limits, in latent pixels
+    state_t=8,  # latent frames per view in training (29 pixel frames); the reference also infers V from it
+    max_img_h=240,  # RoPE range of the reference's tables, in latent pixels (checked in forward)
     max_img_w=240,
-    max_frames=128,
+    max_frames=128,  # latent frames per view
     rope_h_extrapolation_ratio=3.0,
     rope_w_extrapolation_ratio=3.0,
     rope_t_extrapolation_ratio=8.0 / 24.0,
@@ -402,7 +403,12 @@ class MultiViewDiT(nn.Module):
                              f"with n_views dividing the {T} latent frames")
         p, pt = self.patch_spatial, self.patch_temporal
         if H % p or W % p or (T // V) % pt:
-            raise ValueError(f"latent size {H}x{W} must be divisible by the patch size {p}")
+            raise ValueError(f"latent size {H}x{W} with {T // V} frames per view must be divisible by the "
+                             f"patch size {p}x{p} (spatial) and {pt} (time)")
+        c = self.config
+        if H > c["max_img_h"] or W > c["max_img_w"] or T // V > c["max_frames"]:  # the reference asserts these
+            raise ValueError(f"latent size {H}x{W} with {T // V} frames per view exceeds the model's RoPE range "
+                             f"({c['max_img_h']}x{c['max_img_w']} latent pixels, {c['max_frames']} frames)")
 
         # Input channels: [latent, condition mask, padding mask, view embedding].
         if padding_mask is None:
@@ -501,16 +507,22 @@ _DROPPED_PREFIXES = ("accum_", "pos_embedder_options.", "pos_embedder.", "extra_
 
 def read_state_dict(path):
     """Read a `.pt`/`.pth` (memory-mapped) or `.safetensors` file into a flat dict of tensors."""
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path)
-    try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # official files may pickle TransformerEngine extra state objects
-        warnings.warn(f"{path}: weights_only load failed ({type(e).__name__}); retrying with full "
-                      f"unpickling, which runs code from the file: only do this for files you trust")
+    try:  # TransformerEngine pickles its (dropped) extra state as io.BytesIO: allowed, it runs no code
+        with torch.serialization.safe_globals([io.BytesIO]):
+            sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        if os.environ.get("COSMOS_MV_TRUST_PICKLE") != "1":
+            why = str(e).split("WeightsUnpickler error: ")[-1].split("\n")[0].split(". Please")[0][:200]  # torch's reason
+            raise ValueError(f"{path}: not loadable as plain weights ({type(e).__name__}: {why}); full "
+                             f"unpickling would run code from the file: set COSMOS_MV_TRUST_PICKLE=1 only if "
+                             f"you trust it") from e
+        warnings.warn(f"{path}: loading with full unpickling (COSMOS_MV_TRUST_PICKLE=1)")
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     for key in ("model", "state_dict"):  # files that wrap the state dict
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
@@ -566,8 +578,9 @@ def load_dit_weights(model, sd_or_path, ema=False, dtype=None, lora_alpha=None):
 
     LoRA checkpoints are merged (scale lora_alpha / rank, None: 1) unless `model` has adapters injected.
     """
-    source = sd_or_path if isinstance(sd_or_path, str) else "state dict"
-    sd = read_state_dict(sd_or_path) if isinstance(sd_or_path, str) else sd_or_path
+    is_path = isinstance(sd_or_path, (str, os.PathLike))
+    source = os.fspath(sd_or_path) if is_path else "state dict"
+    sd = read_state_dict(source) if is_path else sd_or_path
     injected = any(".lora_A." in k for k in model.state_dict())
     sd = select_dit_weights(sd, ema=ema, source=source, lora_alpha=lora_alpha, merge_lora=not injected)
     check_state_dict(model, sd, source)
@@ -933,6 +946,8 @@ def build_vae(preset="wan2.1", path=None, seed=None, dtype=torch.bfloat16, devic
     torch.manual_seed(seed) (the caller's RNG state is left alone): train.py and sample.py both build
     the demo VAE here, so they see the same latent space.
     """
+    if isinstance(preset, str) and preset not in VAE_PRESETS:
+        raise ValueError(f"unknown VAE preset {preset!r}; known: {', '.join(VAE_PRESETS)}")
     config = VAE_PRESETS[preset] if isinstance(preset, str) else preset
     if path is not None and seed is None:
         if not os.path.exists(path):

@@ -358,7 +358,7 @@ def run_settings(config):
     c, s = config or {}, {}
     if c.get("model"):
         s["dit_preset"] = c["model"]
-    for key in ("height", "width", "num_frames", "fps"):
+    for key in ("height", "width", "num_frames"):
         if c.get(key):
             s[key] = c[key]
     cams = c.get("camera_keys")
@@ -370,9 +370,10 @@ def run_settings(config):
             s["caption_view"] = cams.index(c["front_camera_key"])
     if c.get("vae"):
         s["vae_preset"] = c["vae"]
-    s["vae_path"] = c.get("vae_path") or None
-    if c.get("vae") == "tiny" or not s["vae_path"]:  # train.py's rule: a random VAE from vae_seed
-        s["vae_seed"] = int(c.get("vae_seed", 0))
+    if config is not None:  # without a run config the official VAE applies (resolve_settings)
+        s["vae_path"] = c.get("vae_path") or None
+        if c.get("vae") == "tiny" or not s["vae_path"]:  # train.py's rule: a random VAE from vae_seed
+            s["vae_seed"] = int(c.get("vae_seed", 0))
     if c.get("t5_dir"):
         s["t5"] = c["t5_dir"]
     if c.get("init"):
@@ -678,7 +679,7 @@ def parse_args(argv=None):
     a("--height", type=int)
     a("--width", type=int)
     a("--num_frames", type=int, help="pixel frames per view (default: run config, else 29)")
-    a("--fps", type=float, help="data fps: mp4 frame rate and RoPE time scale (default: run config, else 10)")
+    a("--fps", type=float, help="data fps: mp4 frame rate and RoPE time scale (default 10, Waymo's)")
     a("--official_fps30", action="store_true", help="feed fps 30 to RoPE like the official script")
     a("--seed", type=int, default=0)
     a("--guidance", type=float, default=7.0)
@@ -713,8 +714,11 @@ def resolve_settings(args, run_config):
     s["view_ids"] = view_ids
     labels = rc.get("labels")
     s["labels"] = labels if labels and len(labels) == n_views and not args.view_ids else [f"view {i}" for i in view_ids]
-    s["caption_view"] = args.caption_view if args.caption_view is not None else rc.get(
-        "caption_view", view_ids.index(0) if 0 in view_ids else 0)  # the front camera (id 0)
+    front_slot = view_ids.index(0) if 0 in view_ids else 0  # the front camera (id 0)
+    if args.caption_view is not None:
+        s["caption_view"] = args.caption_view
+    else:  # the run's slot only belongs to the run's view order
+        s["caption_view"] = front_slot if args.view_ids else rc.get("caption_view", front_slot)
     s["fps"] = float(pick(args.fps, "fps"))
     s["rope_fps"] = 30.0 if args.official_fps30 else s["fps"]
     if args.vae or args.vae_seed is not None:  # an explicit VAE choice replaces the run's
@@ -918,5 +922,5 @@ if __name__ == "__main__":
     try:
         main()
     except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)  # no repr quotes
         sys.exit(1)

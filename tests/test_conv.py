@@ -92,6 +92,16 @@ def test_kernel_is_used_only_where_measured_faster():
         assert not conv.triton_conv3d_suits(w96.float().cuda())
 
 
+def test_channel_counts_the_tiles_cannot_cover_are_refused():
+    """A channel count no BK divides would lose its last partial chunk: refused, never computed wrongly."""
+    pytest.importorskip("triton")
+    with pytest.raises(ValueError, match="input channels % 32"):
+        conv._triton_conv3d(torch.zeros(1, 48, 3, 4, 4), torch.zeros(48, 48, 3, 3, 3))
+    assert {c.kwargs["BK"] for c in conv._prune_configs(conv._conv_configs(), {"Cin": 96})} == {32}
+    with pytest.raises(ValueError, match="divides 40 input channels"):
+        conv._prune_configs(conv._conv_configs(), {"Cin": 40})
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
                     reason="needs a Hopper GPU")
 def test_kernel_bf16_error_within_cudnn_on_gpu():

@@ -251,5 +251,5 @@ def test_load_t5_errors(tmp_path, t5_dir):
     for f in ["tokenizer.json", "config.json", "tokenizer_config.json"]:
         (broken / f).write_bytes((t5_dir / f).read_bytes())
     (broken / "model.safetensors").write_bytes((t5_dir / "model.safetensors").read_bytes()[:1000])
-    with pytest.raises(RuntimeError, match="encoder weights from .*broken"):
+    with pytest.raises(ValueError, match="encoder weights from .*broken"):
         embed.load_t5(broken)

@@ -192,3 +192,39 @@ def test_official_file_formats_prefixes_and_ema(tmp_path, fmt):
     assert torch.equal(m_ema.state_dict()[key], ema[key])
     with torch.no_grad():
         assert rel_err(m_reg(**g["inputs"]), g["output"]) < 1e-5
+
+
+class _RunsCode:
+    """A pickle that would call print() when unpickled: what a hostile checkpoint could do."""
+
+    def __reduce__(self):
+        return (print, ("code from the checkpoint ran",))
+
+
+def test_loading_allows_te_extra_state_and_refuses_code(tmp_path, monkeypatch, capsys):
+    """TE's io.BytesIO extra state loads safely (also from a Path); anything needing code runs only on request."""
+    import io
+    import pathlib
+
+    model = build_dit("tiny", dtype=torch.float32)
+    sd = {f"net.{k}": v for k, v in model.state_dict().items()}
+    sd["net.blocks.0.self_attn.q_proj._extra_state"] = io.BytesIO(b"fp8 meta")
+    torch.save(sd, tmp_path / "te.pt")
+    loaded = build_dit("tiny", checkpoint=pathlib.Path(tmp_path / "te.pt"), dtype=torch.float32)
+    assert torch.equal(loaded.state_dict()["final_layer.linear.weight"], model.state_dict()["final_layer.linear.weight"])
+    torch.save(dict(sd, evil=_RunsCode()), tmp_path / "evil.pt")
+    monkeypatch.delenv("COSMOS_MV_TRUST_PICKLE", raising=False)
+    with pytest.raises(ValueError, match="evil.pt.*COSMOS_MV_TRUST_PICKLE"):
+        build_dit("tiny", checkpoint=str(tmp_path / "evil.pt"), dtype=torch.float32)
+    assert "code from the checkpoint ran" not in capsys.readouterr().out
+    monkeypatch.setenv("COSMOS_MV_TRUST_PICKLE", "1")
+    from model import read_state_dict
+    with pytest.warns(UserWarning, match="full unpickling"):
+        read_state_dict(tmp_path / "evil.pt")
+    assert "code from the checkpoint ran" in capsys.readouterr().out
+
+
+def test_sizes_beyond_the_rope_range_are_refused():
+    model = build_dit("tiny", dtype=torch.float32, n_cameras_emb=7, max_img_w=6)
+    with pytest.raises(ValueError, match="8x8 with 2 frames per view exceeds the model's RoPE range"):
+        model(**_tiny_inputs())

@@ -368,6 +368,7 @@ def test_settings_official_defaults_and_run_config():
     s = sample.resolve_settings(sample.parse_args(["--ckpt", "x.pt"]), None)
     assert (s["view_ids"], s["height"], s["width"], s["num_frames"]) == (list(range(7)), 704, 1280, 29)
     assert (s["caption_view"], s["fps"], s["rope_fps"], s["dit_preset"]) == (0, 10.0, 10.0, "2b")
+    assert (s["vae_path"], s["vae_seed"]) == (sample.OFFICIAL["vae_path"], None)  # the official VAE, never random
     s = sample.resolve_settings(sample.parse_args(["--ckpt", "x.pt", "--official_fps30", "--view_ids", "4,5,0,1,2"]),
                                 None)
     assert (s["fps"], s["rope_fps"], s["caption_view"]) == (10.0, 30.0, 2)  # mp4 at 10, RoPE as the script
@@ -379,6 +380,10 @@ def test_settings_official_defaults_and_run_config():
     assert s["view_ids"] == [4, 5, 0, 1, 2] and s["caption_view"] == 2 and (s["height"], s["width"]) == (480, 848)
     assert (s["vae_path"], s["vae_seed"], s["base_ckpt"], s["lora_alpha"]) == ("tok.pth", None, "official.pt", 16.0)
     assert s["labels"] == ["l", "fl", "f", "fr", "r"]
+    s = sample.resolve_settings(sample.parse_args(["--ckpt", "x.pt", "--view_ids", "0,1,2,4,5"]), waymo)
+    assert s["caption_view"] == 0 and s["labels"] == [f"view {i}" for i in (0, 1, 2, 4, 5)]  # slot follows ids
+    s = sample.resolve_settings(sample.parse_args(["--ckpt", "x.pt"]), dict(waymo, vae_path=""))
+    assert (s["vae_path"], s["vae_seed"]) == (None, 0)  # a run trained with a random VAE samples with it
 
 
 def test_cli_skips_existing_and_reports_bad_input(run_dir, capsys):

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import pickle
+import sys
 import tempfile
 from pathlib import Path
 
@@ -36,7 +37,6 @@ from prepare import VIEW_PREFIX
 # constants of the official text pipeline
 
 NUM_TOKENS = 512  # every prompt is padded/truncated to this; the DiT splits its context in 512-token blocks
-EMBED_DIM = 1024  # d_model of t5-11b; the tiny demo encoder uses a smaller width
 
 # One sentence per Waymo camera saying where the camera points. These are the prefix sentences of
 # the official Waymo T5 scripts (the CSV front captions start with the front one). The predict2
@@ -75,7 +75,10 @@ def _check_t5_dir(path):
         missing.append(" or ".join(TOKENIZER_FILES))
     if missing:
         raise FileNotFoundError(f"T5 directory {path} is incomplete, missing: {', '.join(missing)}; {expected}")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (ValueError, AttributeError) as e:  # truncated download, or not an object
+        raise ValueError(f"{path / 'config.json'} is not a valid model config: {e}") from e
     if model_type != "t5":
         raise ValueError(f"{path / 'config.json'} has model_type {model_type!r}, expected 't5'")
 
@@ -226,7 +229,8 @@ def embed_dataset(dataset, tokenizer, encoder, batch=16, overwrite=False, max_le
     # jobs: output path -> text. The prefix caches come first so a short run still leaves them.
     jobs = {dataset / "cache" / f"prefix_t5_embeddings_{cam}.pickle": text for cam, text in PREFIX_PROMPTS.items()}
     jobs.update({dataset / "t5_xxl" / m.parent.name / f"{m.stem}.pickle": m for m in metas})
-    todo = {out: src for out, src in jobs.items() if overwrite or not out.exists()}
+    todo = {out: src for out, src in jobs.items() if overwrite or not out.exists()
+            or (isinstance(src, Path) and src.stat().st_mtime > out.stat().st_mtime)}  # caption rewritten since
     texts = {out: (src if isinstance(src, str) else _read_caption(src)) for out, src in todo.items()}
     unknown = [c for c in cameras if c not in PREFIX_PROMPTS]
     if unknown:
@@ -244,7 +248,8 @@ def embed_dataset(dataset, tokenizer, encoder, batch=16, overwrite=False, max_le
         emb_BLD, len_B = encode_prompts(chunk, tokenizer, encoder, max_length=max_length, return_lengths=True)
         emb_BLD = emb_BLD.cpu().numpy()
         for text, emb_LD, n in zip(chunk, emb_BLD, len_B.tolist()):
-            n_truncated += n == max_length
+            n_truncated += n == max_length and len(tokenizer(text, truncation=True,
+                                                             max_length=max_length + 1).input_ids) > max_length
             for out in by_text[text]:
                 save_embedding(out, emb_LD[:n])  # trim to real tokens + </s>, like the official files
                 bar.update(1)
@@ -307,7 +312,7 @@ def make_tiny_t5(out_dir, d_model=64, seed=0, num_layers=2, vocab_size=256):
         encoder.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (Path(tmp) / "spiece.model").write_bytes(proto.getvalue())  # the source, as in real T5 dirs
-        for f in sorted(Path(tmp).iterdir()):
+        for f in sorted(Path(tmp).iterdir(), key=lambda f: f.name == "config.json"):  # the "built" mark last
             os.replace(f, out_dir / f.name)
     return out_dir
 
@@ -316,10 +321,10 @@ def make_tiny_t5(out_dir, d_model=64, seed=0, num_layers=2, vocab_size=256):
 # command line
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description="Encode metas/<camera>/<clip>.txt captions with T5-XXL.")
     p.add_argument("--dataset", "--dataset_path", default="datasets/waymo", help="data set root (holds metas/)")
-    p.add_argument("--t5", default="checkpoints/google-t5/t5-11b", help="local google-t5/t5-11b directory")
+    p.add_argument("--t5", default=None, help="local google-t5/t5-11b directory (default checkpoints/google-t5/t5-11b)")
     p.add_argument("--batch", type=int, default=16, help="captions per encoder call")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="encoder dtype (official: fp32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: GPU if present")
@@ -327,9 +332,12 @@ def main():
     p.add_argument("--overwrite", action="store_true", help="re-embed files that already exist")
     p.add_argument("--make_tiny_t5", type=int, default=None, metavar="D_MODEL",
                    help="demo/tests: first build a tiny random T5 of this width at --t5 if it has no config.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.batch < 1:
         p.error("--batch must be >= 1")
+    if args.make_tiny_t5 is not None and args.t5 is None:
+        p.error("--make_tiny_t5 needs an explicit --t5 folder (never the real T5's default path)")
+    args.t5 = args.t5 or "checkpoints/google-t5/t5-11b"
 
     if args.prompt is not None:
         print(f"wrote {write_missing_metas(args.dataset, args.prompt)} missing metas files with --prompt")
@@ -343,4 +351,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # bad input: the message names the file and the problem
+        print(f"embed.py: error: {e}", file=sys.stderr)
+        sys.exit(1)

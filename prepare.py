@@ -230,7 +230,8 @@ def load_captions(path):
             if len(rows) != 2 or len(rows[0]) != len(rows[1]):
                 raise ValueError(f"expected 2 rows of equal length (clip ids, front captions), got {len(rows)} rows; "
                                  "use the JSON format for your own captions")
-            return {clip.strip(): captions_from_front(text.strip()) for clip, text in zip(*rows)}
+            return {clip.strip(): captions_from_front(text.strip()) for clip, text in zip(*rows)
+                    if text.strip()}  # an empty caption counts as none (embed.py refuses empty captions)
         with open(path, encoding="utf-8") as f:
             table = json.load(f)
     except (OSError, ValueError, csv.Error) as e:
@@ -254,7 +255,7 @@ def clip_captions(clip, table, prompt, source):
     """({camera: caption}, [warnings]) for one clip: from the table, else the prompt, else the default prompt."""
     if table is None:
         return {cam: prompt or DEFAULT_PROMPT for cam in CAMERAS}, []
-    found = table.get(clip, {})
+    found = {cam: text for cam, text in table.get(clip, {}).items() if text}  # empty = no caption
     if not found:
         return ({cam: DEFAULT_PROMPT for cam in CAMERAS},
                 [f"warning: clip {clip} has no caption in {source}; using the default prompt {DEFAULT_PROMPT!r}"])
@@ -293,17 +294,27 @@ def stage_dir(out, clip):
     return stage
 
 
+def remove_empty_staging(out):
+    """Drop OUT/.staging once nothing is staged; another run on the same --out may still be using it."""
+    try:
+        os.rmdir(os.path.join(out, ".staging"))
+    except OSError:  # missing, or clips of a concurrent run (or a crash's left-overs, removed on re-run)
+        pass
+
+
 def commit_clip(out, clip, stage, captions):
     """Write the captions into the staging folder, then move all ten files into videos/ and metas/."""
     for cam in CAMERAS:
         tmp = os.path.join(stage, cam + ".txt")
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(" ".join(captions[cam].split()) + "\n")  # one line: newlines inside captions become spaces
-    for cam, (mp4, txt) in clip_paths(out, clip).items():
+    # Reverse order: the loaders (ours and the official one) list clips from the last camera's videos, so a
+    # crash between two renames never makes a clip visible before all its files are in place.
+    for cam, (mp4, txt) in reversed(clip_paths(out, clip).items()):
         os.makedirs(os.path.dirname(mp4), exist_ok=True)
         os.makedirs(os.path.dirname(txt), exist_ok=True)
-        os.replace(os.path.join(stage, cam + ".mp4"), mp4)
         os.replace(os.path.join(stage, cam + ".txt"), txt)
+        os.replace(os.path.join(stage, cam + ".mp4"), mp4)
     os.rmdir(stage)
 
 
@@ -714,7 +725,7 @@ def write_synthetic_dataset(out_dir, num_clips, num_frames=33, height=64, width=
     """
     names, jobs = synthetic_jobs(out_dir, num_clips, num_frames, height, width, seed, crf, preset)
     failures = run_jobs(synthetic_clip, jobs, workers, "synthetic")
-    shutil.rmtree(os.path.join(out_dir, ".staging"), ignore_errors=True)  # left-overs of an earlier crash
+    remove_empty_staging(out_dir)
     if failures:
         raise RuntimeError("; ".join(failures))
     return names
@@ -728,7 +739,8 @@ def _call(fn, job):
     try:
         return fn(**job), None
     except Exception as e:
-        return None, str(e)
+        where = str(job.get("path") or job.get("clip", ""))
+        return None, str(e) if where in str(e) else f"{where}: {e}"  # every failure names its input
 
 
 def run_jobs(fn, jobs, workers, desc):
@@ -822,8 +834,7 @@ def main(argv=None):
         converted = len(jobs) - len(job_failures)
         failures += job_failures
 
-    # All jobs are over, so whatever is still staged is a left-over of an earlier crash (one run per --out).
-    shutil.rmtree(os.path.join(args.out, ".staging"), ignore_errors=True)
+    remove_empty_staging(args.out)
     print(f"prepare.py: {converted} converted, {skipped} already done, {len(failures)} failed -> {args.out}",
           file=sys.stderr)
     if failures:

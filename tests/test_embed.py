@@ -152,6 +152,18 @@ def test_embed_cli_end_to_end(tmp_path, t5_dir, t5, ref):
     assert stats["written"] == 1 and stats["skipped"] == len(written) - 1
     assert all(p.read_bytes() == before[p] for p in written)
     assert all(p.stat().st_mtime_ns == mtimes[p] for p in written if p != victim)
+    # a caption rewritten after its embedding (e.g. prepare.py re-run with --captions) is embedded again
+    meta = ds / "metas/pinhole_front/clip_b.txt"
+    meta.write_text("A new caption.\n")
+    os.utime(meta, ns=(victim.stat().st_mtime_ns + 10 ** 9,) * 2)
+    assert embed.embed_dataset(ds, tokenizer, encoder, batch=3)["written"] == 1
+    assert victim.read_bytes() != before[victim]
+
+    # bad input on the command line: one line naming the problem, no traceback
+    r = subprocess.run(cmd[:4] + ["--t5", str(tmp_path / "nowhere")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and "embed.py: error: T5 directory" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(cmd[:4] + ["--make_tiny_t5", "16"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "needs an explicit --t5" in r.stderr
 
 
 def test_embed_dataset_bad_captions(tmp_path, t5):
@@ -244,6 +256,9 @@ def test_load_t5_errors(tmp_path, t5_dir):
         (other / f).write_bytes((t5_dir / f).read_bytes())
     (other / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="model_type 'bert'"):
+        embed.load_t5(other)
+    (other / "config.json").write_text('{"model_type": "t')  # a truncated download
+    with pytest.raises(ValueError, match="other/config.json is not a valid model config"):
         embed.load_t5(other)
     # truncated weights: a clear error naming the directory
     broken = tmp_path / "broken"

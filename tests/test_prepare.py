@@ -172,6 +172,11 @@ def test_caption_files(tmp_path):
     assert prepare.clip_captions("c2", table, None, "texts.json") == ({c: "all" for c in prepare.CAMERAS}, [])
     captions, warnings = prepare.clip_captions("c3", table, None, "texts.json")
     assert set(captions.values()) == {prepare.DEFAULT_PROMPT} and "c3 has no caption in texts.json" in warnings[0]
+    json_path.write_text(json.dumps({"c4_pinhole_front": " ", "c4_pinhole_side_left": "sl"}))  # empty = none
+    captions, warnings = prepare.clip_captions("c4", prepare.load_captions(str(json_path)), None, "texts.json")
+    assert captions["pinhole_front"] == prepare.DEFAULT_PROMPT and "pinhole_front," in warnings[0]
+    csv_path.write_text('clip_a,clip_b\n"",x\n')
+    assert set(prepare.load_captions(str(csv_path))) == {"clip_b"}
 
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n3,4\n")
@@ -291,6 +296,40 @@ def test_crash_mid_run_then_rerun(tmp_path):
         check_clip(out, clip, sources[clip])
     assert os.stat(os.path.join(out, finished[0])).st_mtime_ns == stamp  # skipped, not rewritten
     assert len(dataset_files(out)) == 3 * 10  # no staging left-overs
+
+
+def test_commit_makes_a_clip_visible_last(tmp_path, monkeypatch):
+    """Loaders list clips from pinhole_side_left's videos: that file moves last, so a crash hides the clip."""
+    out = str(tmp_path)
+    stage = prepare.stage_dir(out, "c")
+    for cam in prepare.CAMERAS:
+        open(os.path.join(stage, cam + ".mp4"), "wb").close()
+    moved, real_replace = [], os.replace
+
+    def crash_before_last(src, dst):
+        if len(moved) == 9:
+            raise OSError("crash")
+        moved.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_before_last)
+    with pytest.raises(OSError, match="crash"):
+        prepare.commit_clip(out, "c", stage, {cam: "x" for cam in prepare.CAMERAS})
+    assert len(moved) == 9 and not prepare.clip_is_done(out, "c")
+    assert not os.path.exists(prepare.clip_paths(out, "c")["pinhole_side_left"][0])
+
+
+def test_a_run_leaves_another_runs_staging_alone(tmp_path):
+    out = tmp_path / "out"
+    busy = out / ".staging" / "clip_of_another_run"
+    busy.mkdir(parents=True)
+    (busy / "pinhole_front.mp4").write_bytes(b"half")
+    prepare.write_synthetic_dataset(str(out), 1, num_frames=3)
+    assert (busy / "pinhole_front.mp4").read_bytes() == b"half"
+    (busy / "pinhole_front.mp4").unlink()
+    busy.rmdir()
+    prepare.write_synthetic_dataset(str(out), 2, num_frames=3)
+    assert not (out / ".staging").exists()  # nothing staged any more: the folder goes
 
 
 # ----------------------------------------------------------------------------------------------

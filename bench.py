@@ -343,7 +343,7 @@ def kernel_table(device, shapes, heads, head_dim, reps):
         mk = lambda S: torch.randn(1, S, heads, head_dim, device=device, dtype=dtype, generator=g)  # noqa: E731
         q, k, v, do = mk(Sq), mk(Sk), mk(Sk), mk(Sq)
         fwd_flops = 4.0 * Sq * Sk * heads * head_dim
-        row = dict(shape=name, Sq=Sq, Sk=Sk, heads=heads, fwd_flops=fwd_flops)
+        row = dict(shape=name, Sq=Sq, Sk=Sk, heads=heads, fwd_flops=fwd_flops, dtype=str(dtype)[6:])
         for impl, fn in attention_impls(device).items():
             try:
                 leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -655,7 +655,10 @@ def rate_at(kernels, S, impl, which):
     return row[impl][f"{which}_tflops"] * 1e12
 
 
-KERNEL_OF_BACKEND = {"triton": "ours (triton)", "sdpa-cudnn": "sdpa cudnn", "sdpa": "sdpa default"}
+# The kernel-table columns behind each training backend's self-attention: (forward, backward).
+KERNEL_OF_BACKEND = {"auto": ("ours (triton)", "ours (triton)"), "triton": ("ours (triton)", "ours (triton)"),
+                     "triton-cudnn": ("ours (triton)", "sdpa cudnn"), "sdpa-cudnn": ("sdpa cudnn", "sdpa cudnn"),
+                     "sdpa": ("sdpa default", "sdpa default")}
 
 
 def ring_model(result, kernels, vae, impl, P=8):
@@ -665,13 +668,13 @@ def ring_model(result, kernels, vae, impl, P=8):
     recomputed in backward (activation_checkpointing=full; save_attention keeps the ring's output).
     """
     S = result["tokens"] / P
-    run_impl = KERNEL_OF_BACKEND.get(result["backend"])
+    run_fwd, run_bwd = KERNEL_OF_BACKEND.get(result["backend"], (None, None))
     rates = [rate_at(kernels, S, impl, "fwd"), rate_at(kernels, S, impl, "bwd"),
-             rate_at(kernels, result["tokens"], run_impl, "fwd"), rate_at(kernels, result["tokens"], run_impl, "bwd")]
+             rate_at(kernels, result["tokens"], run_fwd, "fwd"), rate_at(kernels, result["tokens"], run_bwd, "bwd")]
     if None in rates:
         return None
     fwd_rate, bwd_rate, big_fwd, big_bwd = rates
-    D, L = 2048, 28
+    D, L = 2048, result.get("num_blocks", 28)  # the 2B model: the ring model is made for the seed's setups only
     step_flops = 4.0 * S * S * D
     kv_bytes = 2 * S * D * 2
     fwd_step = max(step_flops / fwd_rate, kv_bytes / NVLINK_BYTES_S) + 3 * S * D * 4 / HBM_BYTES_S
@@ -682,7 +685,9 @@ def ring_model(result, kernels, vae, impl, P=8):
     f = result["forward_flops"]
     attn_1gpu = f["self_attn"] * ((1 + float(result["attention_recomputed"])) / big_fwd + 2.5 / big_bwd)
     rest = max(result["median"]["forward_backward"] - attn_1gpu, 0.0) / P
-    vae_one_view = vae["encode"]["seconds"] if vae else result["median"]["vae"] / 5
+    setup = SETUPS[result["setup"]]
+    same_size = vae and (vae.get("height"), vae.get("width")) == (setup["height"], setup["width"])
+    vae_one_view = vae["encode"]["seconds"] if same_size else result["median"]["vae"] / setup["n_views"]
     opt = result["median"]["optimizer"] / P
     other = rest + vae_one_view + opt
     return dict(P=P, local_tokens=S, impl=impl, fwd_tflops=fwd_rate / 1e12, bwd_tflops=bwd_rate / 1e12,
@@ -783,7 +788,7 @@ def markdown(res):
                 out.append("")
     if res.get("kernels"):
         impls = [k for k in res["kernels"][0] if isinstance(res["kernels"][0][k], dict)]
-        out += ["Attention kernels, B=1, bf16, [B, S, H, D], non-causal; TFLOP/s forward / backward "
+        out += [f"Attention kernels, B=1, {res['kernels'][0].get('dtype', 'bfloat16')}, [B, S, H, D], non-causal; TFLOP/s forward / backward "
                 "(forward 4·Sq·Sk·H·d, backward 2.5×):", "",
                 "| shape | Sq × Sk, heads | " + " | ".join(impls) + " |", "|---|---|" + "---|" * len(impls)]
         for r in res["kernels"]:
@@ -791,9 +796,9 @@ def markdown(res):
                      for i in impls]
             out.append(f"| {r['shape']} | {r['Sq']:,} × {r['Sk']:,}, {r['heads']} | " + " | ".join(cells) + " |")
         out.append("")
+    mem = lambda d: f", peak {d['peak_mem_gib']:.1f} GiB" if d.get("peak_mem_gib") else ""  # noqa: E731
     if res.get("vae"):
         v = res["vae"]
-        mem = lambda d: f", peak {d['peak_mem_gib']:.1f} GiB" if d.get("peak_mem_gib") else ""  # noqa: E731
         out += [f"VAE, one view {v['frames']}x{v['height']}x{v['width']} {v['dtype']}: encode "
                 f"{v['encode']['seconds']:.2f} s{mem(v['encode'])}; decode {v['decode']['seconds']:.2f} s"
                 f"{mem(v['decode'])}.", ""]
@@ -802,7 +807,7 @@ def markdown(res):
         decode = res["vae"]["decode"]["seconds"] * s["n_views"] if res.get("vae") else 0.0
         out += [f"Sampling {s['n_views']} views x {s['frames']}x{s['height']}x{s['width']}, CFG batch 2, "
                 f"attention {s['backend']}: {s['per_step_s']:.2f} s/step (median of {s['evals']} after "
-                f"{s['warmup']} warm-up), peak {s['peak_mem_gib'] or 0:.1f} GiB; projected {s['steps']} steps + "
+                f"{s['warmup']} warm-up){mem(s)}; projected {s['steps']} steps + "
                 f"final evaluation {s['sampling_s_projected']:.0f} s + decode {decode:.0f} s = "
                 f"{s['sampling_s_projected'] + decode:.0f} s.", ""]
     if res.get("ring"):
@@ -871,6 +876,7 @@ def main(argv=None):
     p.add_argument("--md", help="also write the markdown tables here")
     p.add_argument("--report", metavar="JSON", help="only re-render the tables (and ring model) of a saved run")
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded with the results
     if args.report:
         with open(args.report) as f:
             res = finish(json.load(f))
@@ -894,7 +900,11 @@ def main(argv=None):
         if len(counts) not in (0, 2) or not all(c.isdigit() for c in counts):
             p.error(f"run {item}: expected SETUP:BACKEND[:WARMUP:ITERS][:compile]")
         warmup, iters = (int(counts[0]), int(counts[1])) if counts else (args.warmup, args.iters)
+        if iters < 1:
+            p.error(f"run {item}: needs at least one timed iteration")
         runs.append((setup, backend, warmup, iters, compiled))
+    if args.iters < 1:
+        p.error("--iters must be >= 1")
     if any(item.partition("=")[0].strip() == "cp" for item in args.set):
         # cp is more than a config value here: it sets the process groups, the batches and the accounting
         p.error("--set cp=N: bench.py takes context parallelism as --cp N")
@@ -956,7 +966,7 @@ def _main(p, args, plans, runs, rank, world, device):
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                torch=torch.__version__, triton=triton_version,
                cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None, world=world, cp=args.cp,
-               command=" ".join(sys.argv), tiny=tiny)
+               command=" ".join(["bench.py"] + args.argv), tiny=tiny)
     out_dir = os.path.dirname(args.out)
     if rank == 0 and out_dir:
         os.makedirs(out_dir, exist_ok=True)
@@ -1028,4 +1038,4 @@ def _main(p, args, plans, runs, rank, world, device):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main().get("errors") else 0)  # a section that failed fails the command

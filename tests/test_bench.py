@@ -360,3 +360,27 @@ def test_clock_summary_counts_busy_samples_and_throttle_reasons():
     monitor = bench.ClockMonitor(torch.device("cpu"))  # no GPU: a no-op that reports nothing
     monitor.start()
     assert monitor.stop() is None
+
+
+def test_ring_model_takes_each_backends_kernels_and_the_right_vae():
+    """The 8-GPU ring model reads the run backend's own kernel columns (auto: ours; triton-cudnn: our
+    forward, cuDNN's backward) and a one-view VAE time only when it was measured at the setup's size."""
+    rates = {"ours (triton)": (600.0, 550.0), "sdpa cudnn": (500.0, 450.0), "sdpa default": (520.0, 470.0)}
+    kernels = [dict(shape=f"S{S}", Sq=S, Sk=S, heads=16, **{name: dict(fwd_tflops=f, bwd_tflops=b)
+                                                            for name, (f, b) in rates.items()})
+               for S in (7_950, 63_600)]
+    run = dict(setup="480p-5v", tokens=63_600, num_blocks=28, attention_recomputed=0.0,
+               forward_flops=dict(self_attn=9.0e14), median=dict(forward_backward=7.5, vae=0.8, optimizer=0.06))
+    for backend, (fwd_impl, bwd_impl) in (("auto", ("ours (triton)",) * 2),
+                                          ("triton-cudnn", ("ours (triton)", "sdpa cudnn"))):
+        m = bench.ring_model(dict(run, backend=backend), kernels, None, "ours (triton)")
+        want = 9.0e14 * (1 / rates[fwd_impl][0] + 2.5 / rates[bwd_impl][1]) / 1e12
+        assert m is not None and math.isclose(m["attention_1gpu_est_s"], want, rel_tol=1e-12)
+        assert math.isclose(m["vae_s"], 0.8 / 5)  # no VAE section: the run's VAE phase over its 5 views
+    vae_720p = dict(height=704, width=1280, encode=dict(seconds=0.7))
+    assert math.isclose(bench.ring_model(dict(run, backend="auto"), kernels, vae_720p, "sdpa cudnn")["vae_s"], 0.16)
+    vae_480p = dict(vae_720p, height=480, width=848)
+    assert bench.ring_model(dict(run, backend="auto"), kernels, vae_480p, "sdpa cudnn")["vae_s"] == 0.7
+    res = dict(kernels=kernels, training=[dict(run, backend="auto", cp=1, median=dict(run["median"], total=8.4))])
+    assert set(bench.finish(res)["ring"]) == {"480p-5v / ours (triton)", "480p-5v / sdpa cudnn",
+                                              "480p-5v / sdpa default"}

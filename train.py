@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
@@ -613,9 +613,10 @@ class EMA:
             _local(s).copy_(_local(full))
 
     @contextlib.contextmanager
-    def swapped_in(self):
-        """Temporarily put the EMA weights into the model (periodic samples)."""
+    def swapped_in(self, net):
+        """Temporarily put the EMA weights into the model `net` (periodic samples)."""
         self.wait()
+        reshard(net)  # FSDP keeps some modules gathered after a no-grad forward: they would miss the swap
         with torch.no_grad():
             backup = [_local(p.detach()).clone() for p in self.params]
             for p, s in zip(self.params, self.shadow):
@@ -623,9 +624,17 @@ class EMA:
         try:
             yield
         finally:
+            reshard(net)  # and the next forward must gather the restored weights, not the EMA ones
             with torch.no_grad():
                 for p, b in zip(self.params, backup):
                     _local(p.detach()).copy_(b)
+
+
+def reshard(net):
+    """Drop FSDP2's gathered copies of the weights, so the next forward gathers the shards afresh."""
+    for m in net.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1142,7 +1151,7 @@ def write_samples(net, vae, ema, batch, iteration, config, out_dir, device, rank
         return
     n_views = batch["video"].shape[1]
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    for tag, weights in (("reg", contextlib.nullcontext()), ("ema", ema.swapped_in())):
+    for tag, weights in (("reg", contextlib.nullcontext()), ("ema", ema.swapped_in(net))):
         with weights, torch.no_grad():
             for guidance in config["sample_guidance"]:
                 video = sample.sample_batch_for_training(

@@ -105,7 +105,7 @@ def test_offloaded_ema_is_the_same_math():
         off.update(beta)
     sd_plain, sd_off = plain.full_state_dict(), off.full_state_dict()
     assert all(torch.equal(sd_plain[k], sd_off[k]) for k in sd_plain)
-    with off.swapped_in():
+    with off.swapped_in(torch.nn.ParameterList(params)):
         assert torch.equal(params[0].detach(), sd_plain["a"])
     off.load_full_state_dict({k: v * 2 for k, v in sd_plain.items()})
     assert torch.equal(off.full_state_dict()["b"], 2 * sd_plain["b"])

@@ -199,9 +199,46 @@ def test_ema_update_is_the_power_average():
         b = train.ema_beta(it, 0.1)
         ref = b * ref + (1 - b) * value.astype(np.float32)
     assert np.allclose(ema.full_state_dict()["w"].numpy(), ref, rtol=1e-6, atol=1e-7)
-    with ema.swapped_in():
+    with ema.swapped_in(torch.nn.ParameterList([p])):
         assert torch.equal(p.data, ema.shadow[0])
     assert torch.equal(p.data, torch.from_numpy(value).float())
+
+
+def _ema_samples_worker(rank, world):
+    from model import build_dit
+    from test_train import demo_dit_inputs
+
+    torch.manual_seed(0)
+    config = train.resolve_config("demo", ["height=32", "width=48", "num_frames=5"])
+    mesh, *_ = train.setup_parallelism(torch.device("cpu"), world, 1)
+    net, trainable = train.build_model(config, torch.device("cpu"), mesh, resuming=False)
+    params = dict(net.named_parameters())
+    ema = train.EMA([(n, params[n]) for n in trainable])
+    g = torch.Generator().manual_seed(3)
+    for s in ema.shadow:  # an EMA clearly unlike the weights
+        train._local(s).add_(0.05 * torch.randn(train._local(s).shape, generator=g))
+    x, t, ctx, mask = demo_dit_inputs(1, V=2)
+    kw = dict(fps=torch.tensor([10.0]), view_indices_B_T=torch.tensor([[0, 0, 1, 1]]))
+    net(x, t, ctx, mask, **kw).square().mean().backward()  # a training step first, as in the loop
+    with torch.no_grad():
+        reg = net(x, t, ctx, mask, **kw)  # write_samples: the regular weights' samples first
+        with ema.swapped_in(net):
+            got = net(x, t, ctx, mask, **kw)
+        reg_after = net(x, t, ctx, mask, **kw)
+    plain = build_dit("demo", dtype=torch.float32)
+    plain.skip_empty_text = False
+    plain.load_state_dict(ema.full_state_dict())
+    with torch.no_grad():
+        want = plain(x, t, ctx, mask, **kw)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max()
+    assert torch.equal(reg_after, reg)  # the training weights are back, in every module
+
+
+def test_ema_samples_use_only_ema_weights_under_fsdp():
+    """FSDP2 leaves the root and last block gathered after a no-grad forward; the EMA swap must reach them."""
+    from _dist import run_gloo
+
+    run_gloo(_ema_samples_worker, 2)
 
 
 def test_gradient_clipping_zeroes_non_finite_and_scales_to_max_norm(tmp_path):

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -82,9 +83,11 @@ def inject_lora(model, rank=16, alpha=16, targets=DEFAULT_TARGETS, dtype=torch.f
     """
     if lora_modules(model):
         raise ValueError("model already has LoRA adapters")
-    names = [n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
-    if not names:
-        raise ValueError(f"no module name ends with any LoRA target {list(targets)}")
+    matches = lambda n, t: n == t or n.endswith("." + t)  # noqa: E731
+    names = [n for n, _ in model.named_modules() if any(matches(n, t) for t in targets)]
+    unmatched = [t for t in targets if not any(matches(n, t) for n in names)]
+    if not names or unmatched:
+        raise ValueError(f"no module name ends with the LoRA target(s) {unmatched or list(targets)}")
     not_linear = [n for n in names if not isinstance(model.get_submodule(n), nn.Linear)]
     if not_linear:
         raise TypeError(f"LoRA targets must be nn.Linear; these are not: {not_linear[:5]}")
@@ -182,7 +185,6 @@ def lora_state_dict(model):
 
 def save_lora(path, model):
     """Write the adapters to a safetensors file atomically (call on every rank; rank 0 writes)."""
-    from safetensors.torch import save_file
     sd = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
     if not sd:
         raise ValueError("the model has no LoRA adapters; call inject_lora first")
@@ -191,9 +193,19 @@ def save_lora(path, model):
     cfg = model.lora_config
     metadata = {"rank": json.dumps(cfg["rank"]), "alpha": json.dumps(cfg["alpha"]),
                 "targets": json.dumps(cfg["targets"])}
+    _save_atomically(sd, path, metadata)
+
+
+def _save_atomically(sd, path, metadata=None):
+    """safetensors file written under a temporary name, then renamed: never half a file at `path`."""
+    from safetensors.torch import save_file
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file(sd, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file(sd, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_lora(path):
@@ -202,8 +214,11 @@ def read_lora(path):
     from safetensors.torch import load_file
     if not os.path.exists(path):
         raise FileNotFoundError(f"LoRA adapter file not found: {path}")
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:  # e.g. a .pt checkpoint given as an adapter file
+        raise ValueError(f"{path}: not a safetensors adapter file ({e})") from e
     try:
         config = {k: json.loads(metadata[k]) for k in ("rank", "alpha", "targets")}
     except (KeyError, ValueError):
@@ -249,8 +264,6 @@ def load_lora(path, model):
 
 def main(argv=None):
     """Merge a LoRA checkpoint (full, PEFT layout) or base + adapter file into plain DiT weights."""
-    from safetensors.torch import save_file
-
     from model import read_state_dict, select_dit_weights
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--lora", required=True, help="full LoRA checkpoint (.pt/.safetensors) or adapter file")
@@ -260,6 +273,9 @@ def main(argv=None):
                    "lora_alpha for our checkpoints, else alpha = rank as in the official experiment)")
     p.add_argument("--out", required=True, help="output .safetensors with the official plain keys")
     args = p.parse_args(argv)
+    if args.base and (args.ema or args.alpha is not None):
+        p.error("--ema and --alpha apply to a full checkpoint; with --base the adapter file sets alpha "
+                "(pick EMA weights for the base when exporting it)")
     if args.base:
         sd = select_dit_weights(read_state_dict(args.base), source=args.base)
         adapters, config = read_lora(args.lora)
@@ -270,13 +286,18 @@ def main(argv=None):
             from sample import find_run_config
             run = find_run_config(args.lora) or {}
             alpha = run.get("lora_alpha") if run.get("lora_rank") else None
-        sd = merge_lora_state_dict(read_state_dict(args.lora), alpha=alpha)
+        lora_sd = read_state_dict(args.lora)
+        if not any(".base_layer." in k for k in lora_sd) and any(".lora_A." in k for k in lora_sd):  # adapters alone
+            p.error(f"--lora {args.lora} holds no base weights (an adapter file?): give the base with --base")
+        sd = merge_lora_state_dict(lora_sd, alpha=alpha)
         sd = select_dit_weights(sd, ema=args.ema, source=args.lora)
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in sd.items()}, tmp)
-    os.replace(tmp, args.out)
+    _save_atomically({k: v.contiguous() for k, v in sd.items()}, args.out)
     print(f"wrote {len(sd)} tensors to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: the message names the file
+        print(f"lora.py: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        sys.exit(1)

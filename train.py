@@ -191,6 +191,11 @@ def parse_value(key, text, default):
         value = float(value) if ok else value
     elif isinstance(default, (list, tuple)):
         ok = isinstance(value, (list, tuple))
+        if ok and default:  # elements like the default's (ints pass for floats)
+            want = type(default[0])
+            ok = all(isinstance(v, want) and not (isinstance(v, bool) and want is not bool)
+                     or (want is float and type(v) is int) for v in value)
+            value = [float(v) for v in value] if ok and want is float else value
         value = type(default)(value) if ok else value
     else:
         ok = isinstance(value, type(default))
@@ -242,8 +247,21 @@ def check_config(c):
     for key in ("batch_size", "max_iter", "log_every"):
         if c[key] < 1:
             raise ValueError(f"{key}={c[key]} must be >= 1")
-    if (c["lora_rank"] > 0) != (c["lora_alpha"] > 0):
-        raise ValueError("set both lora_rank and lora_alpha (> 0) for LoRA, or neither")
+    if c["lora_rank"] < 0 or c["lora_alpha"] < 0 or (c["lora_rank"] > 0) != (c["lora_alpha"] > 0):
+        raise ValueError("set both lora_rank and lora_alpha (> 0) for LoRA, or neither (0)")
+    if not 0 <= c["warmup_iters"] < c["decay_iters"]:
+        raise ValueError(f"warmup_iters={c['warmup_iters']}, decay_iters={c['decay_iters']}: the schedule needs "
+                         f"0 <= warmup_iters < decay_iters")
+    if len(c["adam_betas"]) != 2 or not all(0 <= b < 1 for b in c["adam_betas"]):
+        raise ValueError(f"adam_betas={c['adam_betas']}: two values in [0, 1)")
+    if c["sample_conditional_frames"] not in (0, 1, 2) or c["sample_conditional_frames"] > latent_frames:
+        raise ValueError(f"sample_conditional_frames={c['sample_conditional_frames']}: latent frames per view "
+                         f"given to the periodic samples, 0, 1 or 2 (at most the {latent_frames} latent frames)")
+    n_cameras = dit_config(c["model"])["n_cameras_emb"]
+    bad_ids = {k: v for k, v in c["camera_to_view_id"].items() if k in c["camera_keys"] and not 0 <= v < n_cameras}
+    if bad_ids:
+        raise ValueError(f"camera_to_view_id {bad_ids}: view ids must be 0..{n_cameras - 1} "
+                         f"(model {c['model']!r} has {n_cameras} camera embeddings)")
     blocks = dit_config(c["model"])["num_blocks"]
     if not -1 <= c["saved_attention_blocks"] <= blocks:
         raise ValueError(f"saved_attention_blocks={c['saved_attention_blocks']}: -1 (all) or 0..{blocks} "
@@ -693,7 +711,7 @@ def setup_trainable(net, config):
             torch.manual_seed(config["seed"])  # identical adapters on every rank
             # wraps the target linears (fp32 adapters: the official master-weight scheme), freezes the rest
             lora.inject_lora(net, rank=config["lora_rank"], alpha=config["lora_alpha"],
-                             targets=tuple(config["lora_targets"].split(",")))
+                             targets=tuple(t.strip() for t in config["lora_targets"].split(",") if t.strip()))
     return [name for name, p in net.named_parameters() if p.requires_grad]
 
 
@@ -815,6 +833,19 @@ def build_optimizer(config, trainable_params):
     schedule = functools.partial(lr_multiplier, warmup_iters=config["warmup_iters"], decay_iters=config["decay_iters"],
                                  f_start=config["lr_f_start"], f_max=config["lr_f_max"], f_min=config["lr_f_min"])
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def apply_optimizer_settings(config, optimizer, scheduler):
+    """After a resume: the config's lr, betas, eps and weight decay win over the checkpoint's.
+
+    (The schedule's shape already does: its settings are not stored.) With unchanged settings this
+    reproduces the stored values exactly, so an interrupted run still resumes bit for bit.
+    """
+    scheduler.base_lrs = [config["lr"]] * len(optimizer.param_groups)
+    for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=config["lr"], lr=config["lr"] * lr_lambda(scheduler.last_epoch),
+                     betas=tuple(config["adam_betas"]), eps=config["adam_eps"], weight_decay=config["weight_decay"])
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports
 
 
 def build_vae(config, device, dtype):
@@ -1150,7 +1181,7 @@ def write_samples(net, vae, ema, batch, iteration, config, out_dir, device, rank
             print("note: sample.py (sample_batch_for_training) not available; skipping samples")
         return
     n_views = batch["video"].shape[1]
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = {k: v[:1].to(device) if torch.is_tensor(v) else v[:1] for k, v in batch.items()}  # the first clip
     for tag, weights in (("reg", contextlib.nullcontext()), ("ema", ema.swapped_in(net))):
         with weights, torch.no_grad():
             for guidance in config["sample_guidance"]:
@@ -1238,9 +1269,6 @@ def _train(config, rank, world, device):
         raise ValueError(f"{config['dataset_dir']}: T5 embeddings of {len(wrong_width)} clip(s) do not have the "
                          f"{model_cfg['crossattn_emb_channels']}-d width model {config['model']!r} expects: {names}"
                          f"{' ...' if len(wrong_width) > 5 else ''} (embed every clip with the matching T5)")
-    bad_ids = [i for i in config["camera_to_view_id"].values() if not 0 <= i < model_cfg["n_cameras_emb"]]
-    if bad_ids:
-        raise ValueError(f"view ids {bad_ids} out of range for {model_cfg['n_cameras_emb']} camera embeddings")
 
     # Model, EMA, optimizer, schedule; then the latest checkpoint if any.
     start = latest_checkpoint(ckpt_dir)
@@ -1253,15 +1281,17 @@ def _train(config, rank, world, device):
     log_path = out / "log.jsonl"
     if start is not None:
         trainer = load_checkpoint(ckpt_dir, start, net, optimizer, scheduler, ema, device, rank)
+        apply_optimizer_settings(config, optimizer, scheduler)
         changed = {k: (trainer["config"].get(k), v) for k, v in config.items() if trainer["config"].get(k) != v}
         if rank == 0:
             print(f"resuming from {ckpt_dir}/*/iter_{start:09d}.pt" +
-                  (f"; changed settings (old, new): {changed}" if changed else ""))
-            trim_log(log_path, start)
+                  (f"; changed settings (old, new), in effect from here: {changed}" if changed else ""))
         if trainer["dataset_len"] != len(dataset) and rank == 0:
             print(f"note: the data set has {len(dataset)} samples, the checkpoint saw {trainer['dataset_len']}: "
                   f"the data order differs from an uninterrupted run")
     start = start or 0
+    if rank == 0:  # a killed run may have logged past its last checkpoint (or logged without one)
+        trim_log(log_path, start)
     if start >= config["max_iter"] and rank == 0:
         print(f"already at iteration {start} >= max_iter={config['max_iter']}: nothing to train (raise max_iter "
               f"to continue)")

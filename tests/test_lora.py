@@ -243,11 +243,13 @@ def test_save_load_round_trip(tmp_path):
 def test_inject_errors():
     with pytest.raises(ValueError, match="no module name ends with"):
         inject_lora(tiny(), targets=("nope",))
+    with pytest.raises(ValueError, match=r"target\(s\) \[' k_proj'\]"):  # one target matching nothing is named
+        inject_lora(tiny(), targets=("q_proj", " k_proj"))
     with pytest.raises(TypeError, match="must be nn.Linear"):
         inject_lora(tiny(), targets=("self_attn",))
 
 
-def test_cli_writes_plain_merged_weights(tmp_path, monkeypatch):
+def test_cli_writes_plain_merged_weights(tmp_path, monkeypatch, capsys):
     model, base, _ = trained_lora_model()
     ref = merged_state_dict(model)
     from safetensors.torch import load_file, save_file
@@ -270,3 +272,18 @@ def test_cli_writes_plain_merged_weights(tmp_path, monkeypatch):
     got = load_file(out)
     want = merge_lora_state_dict(ema_sd)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    # Misuse is refused with the reason, and nothing is written.
+    os.remove(out)
+    for argv, message in ((["--base", base_file, "--lora", adapters, "--alpha", "1"], "apply to a full checkpoint"),
+                          (["--lora", adapters], "holds no base weights"),
+                          (["--base", base_file, "--lora", full], "ckpt.pt: not a safetensors adapter file")):
+        monkeypatch.setattr(sys, "argv", ["lora.py", *argv, "--out", out])
+        if "safetensors adapter" in message:
+            with pytest.raises(ValueError, match=message):
+                lora.main()
+        else:
+            with pytest.raises(SystemExit):
+                lora.main()
+            assert message in capsys.readouterr().err
+        assert not os.path.exists(out) and not any(p.name.startswith("m.safetensors.tmp") for p in tmp_path.iterdir())

@@ -97,7 +97,11 @@ def test_presets_resolve_and_overrides_are_type_checked():
     for override, message in (("max_iters=5", "did you mean max_iter"), ("max_iter=2.5", "expected int"),
                               ("adjust_video_noise=1", "expected bool"), ("batch_size=True", "expected int"),
                               ("max_iter", "not key=value"), ("cp=2", "context parallelism"),
-                              ("num_frames=8", "1 \\+ 4k")):
+                              ("num_frames=8", "1 \\+ 4k"), ("sample_guidance=['a']", "expected list"),
+                              ("adam_betas=[0.9]", "two values"), ("warmup_iters=300", "warmup_iters < decay"),
+                              ("sample_conditional_frames=3", "0, 1 or 2"), ("lora_rank=-1", "lora_rank"),
+                              (f"camera_to_view_id={dict(train.DEFAULTS['camera_to_view_id'], pinhole_front=9)}",
+                               "must be 0..6")):
         with pytest.raises(ValueError, match=message):
             train.resolve_config("demo", [override])
     with pytest.raises(ValueError, match="unknown config"):
@@ -360,6 +364,23 @@ def test_demo_command_prepares_embeds_trains_and_samples(tmp_path):
     if train._sample_module() is not None:
         mp4s = sorted(p.name for p in (run_dir(tmp_path / "out") / "samples").glob("*.mp4"))
         assert mp4s == ["iter_000000003_ema_guidance2.mp4", "iter_000000003_reg_guidance2.mp4"]
+
+
+def test_resume_applies_changed_optimizer_settings_and_never_repeats_log_lines(data_dir, tmp_path):
+    """lr / weight decay given on a resume take effect (the schedule keeps its place); a run killed before
+    its first checkpoint leaves no log lines for the restart to repeat."""
+    ref = finish(launch(small(data_dir, tmp_path / "ref", max_iter=4, save_every=2)))
+    args = small(data_dir, tmp_path / "run", max_iter=4, save_every=2)
+    finish(launch(args[:-1] + ["save_every=0", "debug_kill=step:1"]), expect=-9)  # logged 1, no checkpoint
+    finish(launch(args + ["max_iter=2"]))
+    out = finish(launch(args + ["lr=0.004", "weight_decay=0.25"]))
+    assert "in effect from here" in out and "'lr': (0.001, 0.004)" in out and ref
+    run, want = log_of(tmp_path / "run"), log_of(tmp_path / "ref")
+    assert [r["iter"] for r in run] == [1, 2, 3, 4]
+    assert [r["lr"] for r in run[:2]] == [r["lr"] for r in want[:2]]
+    assert [r["lr"] for r in run[2:]] == pytest.approx([4 * r["lr"] for r in want[2:]], rel=1e-12)
+    groups = torch.load(run_dir(tmp_path / "run") / "checkpoints" / "optim" / "iter_000000004.pt")["param_groups"]
+    assert {(g["weight_decay"], g["initial_lr"]) for g in groups} == {(0.25, 0.004)}
 
 
 def test_resume_trims_the_log_and_survives_a_line_cut_short(tmp_path):

@@ -190,21 +190,32 @@ def forward_flops(cfg, n_views, num_frames, height, width, text_tokens=512):
 
 
 def iteration_flops(cfg, n_views, num_frames, height, width, checkpointing=False, recomputed_attention=0.0,
-                    lora=False):
+                    lora=False, text_views=None):
     """Model and hardware FLOPs of one training iteration of one sample (VAE not included).
 
     checkpointing: backward re-runs the block forward except attention (True: in every block, or the
     checkpointed_share() of the blocks), and attention's forward in the recomputed_attention share.
     lora: the frozen base weights get no weight gradients (backward of those linears = 1x forward).
+    text_views: views whose cross-attention runs (the others have an all-zero caption slot, which the
+    model skips exactly); the model FLOPs count every view, as perf.md does, the hardware FLOPs only these.
     """
     f = forward_flops(cfg, n_views, num_frames, height, width)
     attn = f["self_attn"] + f["cross_attn"]
     other = f["total"] - attn
     model = 3 * f["total"]
-    backward = 2.5 * attn + (1 if lora else 2) * other
-    extra = float(checkpointing) * other + recomputed_attention * attn
-    return dict(forward=f, model=model, hardware=f["total"] + backward + extra,
-                attention_share=attn / f["total"])
+    backward_factor = 1 if lora else 2
+    hardware = f["total"] + 2.5 * attn + backward_factor * other + float(checkpointing) * other \
+        + recomputed_attention * attn
+    skipped_other = skipped_attn = 0.0
+    if text_views is not None:  # skipped: cross q/o projections, context k/v projections, cross-attention
+        skipped = 1 - text_views / n_views
+        N, D, L = tokens(cfg, n_views, num_frames, height, width)[0], cfg["model_channels"], cfg["num_blocks"]
+        skipped_other = skipped * (2.0 * N * L * 2 * D * D + f["cross_kv"])
+        skipped_attn = skipped * f["cross_attn"]
+        hardware -= skipped_other * (1 + backward_factor + float(checkpointing))
+        hardware -= skipped_attn * (1 + 2.5 + recomputed_attention)
+    return dict(forward=f, model=model, hardware=hardware, attention_share=attn / f["total"],
+                skipped_forward=skipped_other + skipped_attn)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -537,7 +548,8 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
     recomputed = attention_recomputed(ac, backend, saved_blocks, cfg["num_blocks"], uncheckpointed)
     fl = iteration_flops(cfg, s["n_views"], config["num_frames"], config["height"], config["width"],
                          checkpointing=checkpointed_share(ac, cfg["num_blocks"], uncheckpointed),
-                         recomputed_attention=recomputed, lora=config["lora_rank"] > 0)
+                         recomputed_attention=recomputed, lora=config["lora_rank"] > 0,
+                         text_views=1)  # the caption's view (or, text dropped, the one view that still runs)
     B = config["batch_size"]
     samples = dp * B  # per iteration: each cp group trains B samples
     compiled = None

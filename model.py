@@ -292,7 +292,7 @@ class Block(nn.Module):
         self.adaln_modulation_cross_attn = adaln_modulation(dim, adaln_lora_dim, 3)
         self.adaln_modulation_mlp = adaln_modulation(dim, adaln_lora_dim, 3)
 
-    def forward(self, x_BTND, t_emb_BTD, adaln_lora_BT3D, context_BVMD, rope, active_views, self_attn_fn):
+    def forward(self, x_BTND, t_emb_BTD, adaln_lora_BT3D, context_BVMD, rope, text_views, self_attn_fn):
         B, T, N, D = x_BTND.shape
         V = context_BVMD.shape[1]
 
@@ -302,14 +302,13 @@ class Block(nn.Module):
         h = self.self_attn(h, rope_angles=rope, attn_fn=self_attn_fn).reshape(B, T, N, D)
         x_BTND = x_BTND + gate[:, :, None] * h
 
-        # Cross-attention: each view's tokens see only that view's 512-token T5 slot. A slot that is
-        # all zeros gives k = v = 0, hence exactly zero output; such views are skipped (exact).
+        # Cross-attention: each view's tokens see only that view's 512-token T5 slot, for the views in
+        # text_views (the others have all-zero slots, whose output and gradients are exactly zero).
         shift, scale, gate = (self.adaln_modulation_cross_attn(t_emb_BTD) + adaln_lora_BT3D).chunk(3, dim=-1)
         h_BVLD = modulate(x_BTND, shift, scale).reshape(B, V, (T // V) * N, D)
         out_BVLD = torch.zeros_like(h_BVLD)
-        for v in range(V):
-            if active_views[v]:
-                out_BVLD[:, v] = self.cross_attn(h_BVLD[:, v], context_BVMD[:, v])
+        for v in text_views:
+            out_BVLD[:, v] = self.cross_attn(h_BVLD[:, v], context_BVMD[:, v])
         x_BTND = x_BTND + gate[:, :, None] * out_BVLD.reshape(B, T, N, D)
 
         shift, scale, gate = (self.adaln_modulation_mlp(t_emb_BTD) + adaln_lora_BT3D).chunk(3, dim=-1)
@@ -356,6 +355,7 @@ class MultiViewDiT(nn.Module):
         self.final_layer = FinalLayer(dim, c["adaln_lora_dim"], out_dim)
         self.view_embeddings = nn.Embedding(c["n_cameras_emb"], c["n_cameras_emb"])
         self.skip_empty_text = True  # skip cross-attention for views whose T5 slot is all zeros (exact)
+        self.idle_text_view = 0  # the view that still runs when no view has text and gradients are on
         self.cp_group = None  # context parallelism: this rank holds a latent-frame range of every view
 
     def enable_context_parallel(self, group):
@@ -441,13 +441,18 @@ class MultiViewDiT(nn.Module):
             self_attn_fn = functools.partial(ring_attention, group=self.cp_group, kv_sizes=[Tt * h * w] * cp)
         rope = self.rope(V, Tt // V, h, w, fps, x.device, frame_offset)
         context_BVMD = crossattn_emb.to(dtype).reshape(B, V, self.text_slot_tokens, -1)
-        active_views = context_BVMD.flatten(2).ne(0).any(-1).any(0).tolist()  # views with any text
-        if not self.skip_empty_text:
-            active_views = [True] * V
+        # A slot of zeros gives k = v = 0: exactly zero output and gradients, so such views are skipped.
+        # With gradients on, one view always runs, so every weight gets a gradient tensor (zeros if no view
+        # has text) on every rank, as FSDP and AdamW expect; training picks the caption's view for it, so
+        # that a compiled block sees one view list whether the caption was dropped or not.
+        has_text = context_BVMD.flatten(2).ne(0).any(-1).any(0).tolist()
+        text_views = tuple(v for v in range(V) if has_text[v] or not self.skip_empty_text)
+        if not text_views and torch.is_grad_enabled():
+            text_views = (min(self.idle_text_view, V - 1),)
 
         for block in self.blocks:
             # (train.py wraps each block's forward for activation checkpointing)
-            x_BTND = block(x_BTND, t_emb_BTD, adaln_lora_BT3D, context_BVMD, rope, active_views, self_attn_fn)
+            x_BTND = block(x_BTND, t_emb_BTD, adaln_lora_BT3D, context_BVMD, rope, text_views, self_attn_fn)
 
         out = self.final_layer(x_BTND, t_emb_BTD, adaln_lora_BT3D).reshape(B, Tt, h, w, -1)
         # Unpatchify with the channel as the INNERMOST factor (unlike the patch embed).

@@ -810,10 +810,10 @@ def build_model(config, device, mesh, resuming):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config["seed"])
             net = build_dit(config["model"], device=device, dtype=torch.float32)
-    # Cross-attention of an all-zero caption slot is exactly zero; the model skips such views, but a rank
-    # whose batch lost all text would then have no gradient where another rank has one (FSDP needs the
-    # same set everywhere) and AdamW would skip the decay of those weights. Training always computes them.
-    net.skip_empty_text = False
+    # Cross-attention of an all-zero caption slot is exactly zero, forward and backward: the model skips
+    # such views (4 of 5 in Waymo training: the caption sits in the front camera's slot), and when text
+    # dropout empties every slot it still runs the caption's view, for gradients (MultiViewDiT.forward).
+    net.idle_text_view = config["camera_keys"].index(config["front_camera_key"])
     trainable = setup_trainable(net, config)
     apply_activation_checkpointing(net, config["activation_checkpointing"], config["saved_attention_blocks"],
                                    config["uncheckpointed_blocks"])

@@ -107,10 +107,11 @@ def test_compiled_training_step_equals_eager_and_keeps_the_attention_outputs():
     assert events["CompiledFunction"] == L and events["CompiledFunctionBackward"] == L
     assert len([k for k in events if k.startswith("Torch-Compiled Region")]) == 2
     # Attention forwards: every block once, then again in the L - 2 fully checkpointed blocks, and the
-    # cross-attentions (not kept) of the 2 save_attention blocks.
-    V = bench.SETUPS["tiny"]["n_views"]
-    assert events[SDPA_FWD] == (L + L - 2) * (1 + V) + 2 * V
-    assert events[SDPA_FWD + "_backward"] == L * (1 + V)
+    # cross-attentions (not kept) of the 2 save_attention blocks. Cross-attention runs for one view: the
+    # caption's (the others have all-zero slots), or the same view when text dropout empties it.
+    assert bench.SETUPS["tiny"]["n_views"] > 1
+    assert events[SDPA_FWD] == (L + L - 2) * (1 + 1) + 2 * 1
+    assert events[SDPA_FWD + "_backward"] == L * (1 + 1)
 
 
 def test_compiled_blocks_keep_our_attention_op_and_never_trace_its_kernels(monkeypatch):

@@ -150,6 +150,31 @@ def test_zero_slot_cross_attention_skip_is_bitwise_exact():
         assert not torch.equal(model(**inputs), full)
 
 
+@pytest.mark.parametrize("text_views", [(1,), ()], ids=["one view with text", "text dropped"])
+def test_training_skip_of_empty_text_views_is_exact(text_views):
+    """Skipping views with an all-zero caption slot changes no output and no gradient (float64); with
+    gradients on, every weight still gets a gradient tensor, zeros where no view has text."""
+    torch.manual_seed(0)
+    model = build_dit("tiny", dtype=torch.float64, n_cameras_emb=7)
+    for p in model.parameters():  # make the zero-initialised AdaLN layers matter
+        torch.nn.init.normal_(p, std=0.05)
+    inputs = _tiny_inputs(text_views=text_views)
+    weights = torch.randn(model(**inputs).shape, generator=torch.Generator().manual_seed(1))
+    outs, grads = {}, {}
+    for skip in (True, False):
+        model.zero_grad(set_to_none=True)
+        model.skip_empty_text = skip
+        outs[skip] = model(**inputs)
+        (outs[skip] * weights).sum().backward()
+        grads[skip] = {n: p.grad for n, p in model.named_parameters()}
+    assert torch.equal(outs[True], outs[False])
+    assert all(g is not None for g in grads[True].values())
+    for name, want in grads[False].items():
+        assert torch.allclose(grads[True][name], want, rtol=1e-12, atol=1e-18), name
+    cross = [g for n, g in grads[True].items() if ".cross_attn." in n]
+    assert len(cross) > 0 and all(g.abs().max() == 0 for g in cross) == (not text_views)
+
+
 def test_bf16_forward_and_backward_run():
     model = build_dit("tiny", dtype=torch.bfloat16, n_cameras_emb=7)
     out = model(**_tiny_inputs())

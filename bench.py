@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 bench.py --setups 720p-7v   # data parallel over the GPUs torchrun gives
     torchrun --nproc_per_node=2 bench.py --runs 480p-5v:triton:1:1 --cp 2   # context parallel: 2 GPUs, one sample
     python bench.py --runs 480p-5v:triton:1:3 480p-5v:sdpa:1:3   # SETUP:BACKEND[:WARMUP:ITERS][:compile]
-    python bench.py --runs 720p-5v:sdpa:1:1:compile --plan 720p-5v=save_attention:ema:14   # AC:OFFLOAD[:BLOCKS]
+    python bench.py --runs 720p-5v:sdpa:1:1:compile --plan 720p-5v=save_attention:ema:14   # AC:OFFLOAD[:BLOCKS[:LINEAR]]
     python bench.py --runs 480p-5v:auto:1:2:compile --profile           # + GPU time by kernel family
     python bench.py --tiny                            # CPU smoke test: tiny model, same code paths (tests)
 
@@ -81,8 +81,9 @@ SETUPS = {  # train.py preset + the views and pixels of one sample (29 frames ea
 # 720p-7v save_attention with weights, gradients, AdamW and EMA on the CPU 62.9 GiB (the AdamW step then
 # runs on the CPU behind the next VAE encode). A third field N keeps the attention outputs of the first N
 # blocks only (train.py saved_attention_blocks), for cards with less memory.
-MEMORY_PLANS = {  # setup: [(activation_checkpointing, offload[, saved_attention_blocks]), ...]
-    "480p-5v": [("save_attention", "none"), ("full", "none"), ("full", "ema")],
+MEMORY_PLANS = {  # setup: [(activation_checkpointing, offload[, saved_attention_blocks[, saved_linear_blocks]])]
+    # 480p-5v: 14 blocks also keep their linear outputs (67.8 GiB on an 80 GB H100; 18 blocks: 73 GiB, no faster)
+    "480p-5v": [("save_attention", "none", -1, 14), ("save_attention", "none"), ("full", "none"), ("full", "ema")],
     "720p-5v": [("save_attention", "ema"), ("save_attention", "ema", 14), ("full", "ema"), ("full", "all")],
     "720p-7v": [("save_attention", "all"), ("save_attention", "all", 14), ("full", "all")],
     "lora-720p-5v": [("save_attention", "none"), ("full", "none")],
@@ -110,7 +111,8 @@ def attention_context(backend):
         return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
 
 
-def training_config(setup, ac, offload, backend, overrides=(), saved_blocks=-1, compile=False, cp=1):
+def training_config(setup, ac, offload, backend, overrides=(), saved_blocks=-1, compile=False, cp=1,
+                    linear_blocks=0):
     """train.py's config for one setup and memory plan (random weights: init='', random VAE)."""
     s = SETUPS[setup]
     config = train.resolve_config(s["preset"], ["init=''", "save_every=0", "sample_every=0", *overrides])
@@ -118,6 +120,7 @@ def training_config(setup, ac, offload, backend, overrides=(), saved_blocks=-1, 
     config.update(height=s["height"], width=s["width"], num_frames=s.get("num_frames", config["num_frames"]),
                   camera_keys=cams, camera_to_view_id={c: i for i, c in enumerate(cams)}, front_camera_key=cams[0],
                   activation_checkpointing=ac, offload=offload, saved_attention_blocks=saved_blocks,
+                  saved_linear_blocks=linear_blocks,
                   compile=compile, cp=cp, attention_backend="sdpa" if backend.startswith("sdpa") else backend)
     train.check_config(config)
     return config
@@ -190,7 +193,7 @@ def forward_flops(cfg, n_views, num_frames, height, width, text_tokens=512):
 
 
 def iteration_flops(cfg, n_views, num_frames, height, width, checkpointing=False, recomputed_attention=0.0,
-                    lora=False, text_views=None):
+                    lora=False, text_views=None, saved_linear_share=0.0):
     """Model and hardware FLOPs of one training iteration of one sample (VAE not included).
 
     checkpointing: backward re-runs the block forward except attention (True: in every block, or the
@@ -198,6 +201,7 @@ def iteration_flops(cfg, n_views, num_frames, height, width, checkpointing=False
     lora: the frozen base weights get no weight gradients (backward of those linears = 1x forward).
     text_views: views whose cross-attention runs (the others have an all-zero caption slot, which the
     model skips exactly); the model FLOPs count every view, as perf.md does, the hardware FLOPs only these.
+    saved_linear_share: share of the blocks that keep their non-widening linear outputs (not recomputed).
     """
     f = forward_flops(cfg, n_views, num_frames, height, width)
     attn = f["self_attn"] + f["cross_attn"]
@@ -214,6 +218,11 @@ def iteration_flops(cfg, n_views, num_frames, height, width, checkpointing=False
         skipped_attn = skipped * f["cross_attn"]
         hardware -= skipped_other * (1 + backward_factor + float(checkpointing))
         hardware -= skipped_attn * (1 + 2.5 + recomputed_attention)
+    if saved_linear_share:  # q, k, v, self output, fc2 and the running views' cross q / output projections
+        N, D, L = tokens(cfg, n_views, num_frames, height, width)[0], cfg["model_channels"], cfg["num_blocks"]
+        views = n_views if text_views is None else text_views
+        per_token = 4 * D * D + D * int(D * cfg["mlp_ratio"]) + 2 * D * D * views / n_views
+        hardware -= saved_linear_share * 2.0 * N * L * per_token
     return dict(forward=f, model=model, hardware=hardware, attention_share=attn / f["total"],
                 skipped_forward=skipped_other + skipped_attn)
 
@@ -456,26 +465,27 @@ def profile_iteration(step, device):
                 top=[dict(seconds=s, calls=n, name=k, family=f) for s, n, k, f in kernels[:15]])
 
 
-def plan_name(ac, offload, saved_blocks, uncheckpointed=0):
+def plan_name(ac, offload, saved_blocks, uncheckpointed=0, linear_blocks=0):
     saved = f" ({saved_blocks} blocks)" if ac == "save_attention" and saved_blocks >= 0 else ""
+    linear = f" + linears ({linear_blocks} blocks)" if linear_blocks else ""
     plain = f", last {uncheckpointed} blocks not checkpointed" if uncheckpointed and ac != "none" else ""
-    return f"{ac}{saved}{plain} / {offload}"
+    return f"{ac}{saved}{linear}{plain} / {offload}"
 
 
 def bench_training(setup, backend, plan, iters, warmup, device, rank, world, parallel, overrides=(), compile=False,
                    profile=False):
     """Time real train.train_step iterations of one setup; returns the result dict (or raises OOM).
 
-    plan: (activation_checkpointing, offload[, saved_attention_blocks]). compile: torch.compile the blocks
+    plan: (activation_checkpointing, offload[, saved_attention_blocks[, saved_linear_blocks]]). compile: torch.compile the blocks
     (train.py compile=True); the first iteration then includes the compilation (give it a warm-up).
     profile: one more iteration under torch.profiler (not in the medians), kernel time by family.
     parallel: train.setup_parallelism(device, world, cp), i.e. (FSDP mesh, cp group or None, dp rank, dp).
     """
-    ac, offload, saved_blocks = (*plan, -1)[:3]
+    ac, offload, saved_blocks, linear_blocks = (*plan, *(-1, 0)[len(plan) - 2:])
     s = SETUPS[setup]
     mesh, cp_group, dp_rank, dp = parallel
     cp = world // dp
-    config = training_config(setup, ac, offload, backend, overrides, saved_blocks, compile, cp)
+    config = training_config(setup, ac, offload, backend, overrides, saved_blocks, compile, cp, linear_blocks)
     free_memory(device)
     compiled_before = compile_stats()
     t_build = time.perf_counter()
@@ -518,7 +528,7 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
                 rows.append(dict(phases, loss=loss, grad_norm=grad_norm))
                 if rank == 0:
                     print(f"  {setup}{f' cp={cp}' if cp > 1 else ''} {backend}{' compiled' if compile else ''} "
-                          f"{plan_name(ac, offload, saved_blocks, config['uncheckpointed_blocks'])} "
+                          f"{plan_name(ac, offload, saved_blocks, config['uncheckpointed_blocks'], linear_blocks)} "
                           f"iter {it}{' (warm-up)' if it < warmup else ''}: "
                           + " ".join(f"{k} {v:.2f}s" for k, v in phases.items()) + f" loss {loss:.3f}", flush=True)
             train.finish_step(optimizer)
@@ -549,7 +559,8 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
     fl = iteration_flops(cfg, s["n_views"], config["num_frames"], config["height"], config["width"],
                          checkpointing=checkpointed_share(ac, cfg["num_blocks"], uncheckpointed),
                          recomputed_attention=recomputed, lora=config["lora_rank"] > 0,
-                         text_views=1)  # the caption's view (or, text dropped, the one view that still runs)
+                         text_views=1,  # the caption's view (or, text dropped, the one view that still runs)
+                         saved_linear_share=linear_blocks / cfg["num_blocks"])
     B = config["batch_size"]
     samples = dp * B  # per iteration: each cp group trains B samples
     compiled = None
@@ -560,6 +571,7 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
             print(f"  warning: {compiled['graph_breaks']} graph break(s) in the compiled blocks", flush=True)
     return dict(setup=setup, backend=backend, activation_checkpointing=ac, offload=offload,
                 saved_attention_blocks=saved_blocks, uncheckpointed_blocks=uncheckpointed, num_blocks=cfg["num_blocks"],
+                saved_linear_blocks=linear_blocks,
                 compile=compile, compiled=compiled,
                 attention_recomputed=recomputed, world=world, cp=cp, dp=dp, batch_per_rank=B, samples_per_iter=samples,
                 tokens=tokens(cfg, s["n_views"], config["num_frames"], config["height"], config["width"])[0],
@@ -761,7 +773,7 @@ def markdown(res):
             again = ("" if not share else " (attn recomputed)" if share == 1 else
                      f" (attn recomputed in {round(share * L)} of {L} blocks)")
             out.append(f"| {setup_name(r)} | {r['backend']}{', compiled' if r.get('compile') else ''} | "
-                       f"{plan_name(r['activation_checkpointing'], r['offload'], r.get('saved_attention_blocks', -1), r.get('uncheckpointed_blocks', 0))}"
+                       f"{plan_name(r['activation_checkpointing'], r['offload'], r.get('saved_attention_blocks', -1), r.get('uncheckpointed_blocks', 0), r.get('saved_linear_blocks', 0))}"
                        f"{again} | {m['total']:.2f} "
                        f"({r['iters']} it) | {m['data']:.2f} | {m['vae']:.2f} | {m['forward_backward']:.2f} | "
                        f"{m['optimizer']:.2f} | {pf:.2f} | {tf:.0f} ({hw:.0f}) | {mfu} | "
@@ -865,9 +877,10 @@ def main(argv=None):
     p.add_argument("--backends", nargs="*", help=f"attention backends for training {BACKENDS} "
                                                  "(default on Hopper: sdpa eager and auto compiled -- the last one also "
                                                  "runs LoRA; sdpa and reference on CPU)")
-    p.add_argument("--plan", action="append", default=[], metavar="SETUP=AC:OFFLOAD[:BLOCKS]",
+    p.add_argument("--plan", action="append", default=[], metavar="SETUP=AC:OFFLOAD[:BLOCKS[:LINEAR]]",
                    help="force a memory plan, e.g. 720p-5v=full:all; BLOCKS: save_attention in the first BLOCKS "
-                        "blocks only (720p-5v=save_attention:ema:14); repeat for fallbacks, tried in order")
+                        "blocks only (720p-5v=save_attention:ema:14); LINEAR: the first LINEAR blocks also keep "
+                        "their linear outputs (480p-5v=save_attention:none:-1:14); repeat for fallbacks, tried in order")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks in every run (train.py compile)")
     p.add_argument("--profile", nargs="*", metavar="SETUP",
                    help="one more iteration of these setups (all when none named) under torch.profiler: GPU time "
@@ -900,10 +913,11 @@ def main(argv=None):
         name, _, spec = item.partition("=")
         ac, off, *blocks = spec.split(":") + ([] if ":" in spec else ["none"])
         if (name not in SETUPS or ac not in ("none", "full", "save_attention") or off not in ("none", "ema", "all")
-                or len(blocks) > 1 or (blocks and not blocks[0].lstrip("-").isdigit())):
-            p.error(f"--plan {item}: expected SETUP=AC:OFFLOAD[:BLOCKS] with SETUP in {list(SETUPS)}, AC none|full|"
-                    f"save_attention, OFFLOAD none|ema|all, BLOCKS an integer (-1 = all)")
-        plans.setdefault(name, []).append((ac, off, int(blocks[0]) if blocks else -1))
+                or len(blocks) > 2 or not all(b.lstrip("-").isdigit() for b in blocks)):
+            p.error(f"--plan {item}: expected SETUP=AC:OFFLOAD[:BLOCKS[:LINEAR_BLOCKS]] with SETUP in {list(SETUPS)}, "
+                    f"AC none|full|save_attention, OFFLOAD none|ema|all, BLOCKS an integer (-1 = all), LINEAR_BLOCKS "
+                    f"the blocks that also keep their linear outputs")
+        plans.setdefault(name, []).append((ac, off, *(int(b) for b in blocks)))
     runs = []
     for item in args.runs or []:
         setup, backend, *rest = item.split(":")

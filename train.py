@@ -85,6 +85,10 @@ DEFAULTS = dict(
     # save_attention only: the first N blocks keep their self-attention outputs, the others recompute
     # everything (as full); -1 = all blocks. A kept block costs ~4.2 KB per token (~0.55 GiB at 720p-5v).
     saved_attention_blocks=-1,
+    # save_attention only: the first N blocks also keep the outputs of their token-wise linear layers that
+    # do not widen (q, k, v, output projections, the MLP's second layer), so backward does not run those
+    # GEMMs again: ~1.3 GiB per block at 480p-5v for ~5.5 ms of recompute. For memory left over.
+    saved_linear_blocks=0,
     # the last N blocks are not checkpointed at all (they keep every activation: no recompute), where
     # memory is left over, e.g. 480p on one 80 GB GPU; 0 = checkpoint every block as the mode says.
     uncheckpointed_blocks=0,
@@ -269,6 +273,13 @@ def check_config(c):
     if not 0 <= c["uncheckpointed_blocks"] <= blocks:
         raise ValueError(f"uncheckpointed_blocks={c['uncheckpointed_blocks']}: 0..{blocks} "
                          f"(model {c['model']!r} has {blocks} blocks)")
+    kept = blocks if c["saved_attention_blocks"] == -1 else c["saved_attention_blocks"]
+    if c["saved_linear_blocks"] and c["activation_checkpointing"] != "save_attention":
+        raise ValueError(f"saved_linear_blocks={c['saved_linear_blocks']} needs activation_checkpointing="
+                         f"save_attention (it is {c['activation_checkpointing']!r})")
+    if not 0 <= c["saved_linear_blocks"] <= kept:
+        raise ValueError(f"saved_linear_blocks={c['saved_linear_blocks']}: 0 up to the {kept} blocks that keep "
+                         f"their attention output")
     if c["saved_attention_blocks"] != -1 and c["activation_checkpointing"] != "save_attention":
         raise ValueError(f"saved_attention_blocks={c['saved_attention_blocks']} needs "
                          f"activation_checkpointing=save_attention (it is {c['activation_checkpointing']!r})")
@@ -740,6 +751,24 @@ def _save_attention_context():
     return create_selective_checkpoint_contexts(_save_attention)
 
 
+def _save_attention_and_linears(ctx, op, *args, **kwargs):
+    """save_attention's policy, and also keep the outputs of the token-wise linears that do not widen.
+
+    A linear is an mm of x [rows, in] by the weight [in, out]; token-wise ones have more rows (tokens) than
+    input features, unlike the AdaLN layers (one row per frame). Keeping q, k, v, the output projections
+    and the MLP's second layer (out <= in) skips their GEMMs in backward at 4 KB per token each; the MLP's
+    first layer (4x wider output) stays recomputed.
+    """
+    if op == torch.ops.aten.mm.default and args[1].shape[1] <= args[1].shape[0] < args[0].shape[0]:
+        return CheckpointPolicy.MUST_SAVE
+    return _save_attention(ctx, op, *args, **kwargs)
+
+
+def _save_linears_context():
+    """context_fn of the blocks that keep their linear outputs too (saved_linear_blocks)."""
+    return create_selective_checkpoint_contexts(_save_attention_and_linears)
+
+
 def _checkpointed_forward(forward, context_fn, *args):
     """A block's forward under non-reentrant activation checkpointing (plain forward without grad)."""
     if not torch.is_grad_enabled():
@@ -749,21 +778,24 @@ def _checkpointed_forward(forward, context_fn, *args):
     return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn)
 
 
-def apply_activation_checkpointing(net, mode, saved_attention_blocks=-1, uncheckpointed_blocks=0):
+def apply_activation_checkpointing(net, mode, saved_attention_blocks=-1, uncheckpointed_blocks=0,
+                                   saved_linear_blocks=0):
     """Checkpoint every block: 'full' recomputes it all in backward, 'save_attention' all but attention.
 
     saved_attention_blocks=N (save_attention): only blocks 0..N-1 keep their attention outputs, the rest
-    are checkpointed as 'full'; -1 = every block. uncheckpointed_blocks=U: the last U blocks are left
-    alone (no recompute). Which blocks does not change the peak (every saved activation is alive when
-    backward starts), so the first N and the last U.
+    are checkpointed as 'full'; -1 = every block. saved_linear_blocks=K: blocks 0..K-1 also keep their
+    non-widening linear outputs. uncheckpointed_blocks=U: the last U blocks are left alone (no
+    recompute). Which blocks does not change the peak (every saved activation is alive when backward
+    starts), so the first N and K and the last U.
     """
     if mode == "none":
         return
     for i, block in enumerate(net.blocks[:len(net.blocks) - uncheckpointed_blocks]):
         keep = mode == "save_attention" and (saved_attention_blocks < 0 or i < saved_attention_blocks)
+        context_fn = (_save_linears_context if keep and i < saved_linear_blocks else
+                      _save_attention_context if keep else None)
         # An instance attribute: the block keeps its class, its parameter names and FSDP's hooks around it.
-        block.forward = functools.partial(_checkpointed_forward, block.forward,
-                                          _save_attention_context if keep else None)
+        block.forward = functools.partial(_checkpointed_forward, block.forward, context_fn)
 
 
 def compile_blocks(net):
@@ -816,7 +848,7 @@ def build_model(config, device, mesh, resuming):
     net.idle_text_view = config["camera_keys"].index(config["front_camera_key"])
     trainable = setup_trainable(net, config)
     apply_activation_checkpointing(net, config["activation_checkpointing"], config["saved_attention_blocks"],
-                                   config["uncheckpointed_blocks"])
+                                   config["uncheckpointed_blocks"], config["saved_linear_blocks"])
     if config["compile"]:
         compile_blocks(net)
     shard_model(net, mesh, config["precision"], offload=config["offload"] == "all")

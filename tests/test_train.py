@@ -265,6 +265,32 @@ def test_activation_checkpointing_recomputes_all_but_attention_with_identical_gr
         assert all(torch.equal(a, b) for a, b in zip(grads["none"], grads[mode]))
 
 
+def test_saved_linear_blocks_skip_the_recompute_of_their_non_widening_linears():
+    """saved_linear_blocks=K: blocks 0..K-1 keep q, k, v, the output projections and the MLP's second layer
+    (per view with text: cross q and output), so backward runs those matmuls K times fewer; same gradients."""
+    V = 3
+    inputs = demo_dit_inputs(3, V, H=16, W=24)  # 576 tokens: more rows than the 128 input features
+    mm, grads = {}, {}
+    for linear_blocks in (0, 1, 4):
+        torch.manual_seed(0)
+        net = build_dit("demo", dtype=torch.float32)
+        net.skip_empty_text = False  # every view's cross-attention runs
+        train.apply_activation_checkpointing(net, "save_attention", saved_linear_blocks=linear_blocks)
+        with CountOps() as ops:
+            net(*inputs, fps=torch.tensor([10.0])).square().mean().backward()
+        mm[linear_blocks] = ops.counts["aten::mm"]
+        grads[linear_blocks] = [p.grad for p in net.parameters()]
+    kept_per_block = 4 + 1 + 2 * V  # q, k, v, o; fc2; per view cross q and output (k, v widen 64 -> 128)
+    assert mm[1] == mm[0] - kept_per_block and mm[4] == mm[0] - 4 * kept_per_block
+    for k in (1, 4):
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[k])), k
+    for overrides, message in ((["saved_linear_blocks=2", "activation_checkpointing=full"], "needs activation"),
+                               (["saved_linear_blocks=3", "saved_attention_blocks=2",
+                                 "activation_checkpointing=save_attention"], "0 up to the 2 blocks")):
+        with pytest.raises(ValueError, match=message):
+            train.resolve_config("demo", overrides)
+
+
 def test_uncheckpointed_blocks_skip_the_recompute_of_the_last_blocks():
     """uncheckpointed_blocks=U: the last U blocks run once (no recompute), same gradients as 'none'."""
     inputs = demo_dit_inputs(2, V=2)

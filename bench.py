@@ -476,7 +476,8 @@ def bench_training(setup, backend, plan, iters, warmup, device, rank, world, par
                    profile=False):
     """Time real train.train_step iterations of one setup; returns the result dict (or raises OOM).
 
-    plan: (activation_checkpointing, offload[, saved_attention_blocks[, saved_linear_blocks]]). compile: torch.compile the blocks
+    plan: (activation_checkpointing, offload[, saved_attention_blocks[, saved_linear_blocks]]).
+    compile: torch.compile the blocks
     (train.py compile=True); the first iteration then includes the compilation (give it a warm-up).
     profile: one more iteration under torch.profiler (not in the medians), kernel time by family.
     parallel: train.setup_parallelism(device, world, cp), i.e. (FSDP mesh, cp group or None, dp rank, dp).
@@ -772,8 +773,10 @@ def markdown(res):
             share, L = float(r["attention_recomputed"]), r.get("num_blocks", 28)
             again = ("" if not share else " (attn recomputed)" if share == 1 else
                      f" (attn recomputed in {round(share * L)} of {L} blocks)")
+            plan = plan_name(r["activation_checkpointing"], r["offload"], r.get("saved_attention_blocks", -1),
+                             r.get("uncheckpointed_blocks", 0), r.get("saved_linear_blocks", 0))
             out.append(f"| {setup_name(r)} | {r['backend']}{', compiled' if r.get('compile') else ''} | "
-                       f"{plan_name(r['activation_checkpointing'], r['offload'], r.get('saved_attention_blocks', -1), r.get('uncheckpointed_blocks', 0), r.get('saved_linear_blocks', 0))}"
+                       f"{plan}"
                        f"{again} | {m['total']:.2f} "
                        f"({r['iters']} it) | {m['data']:.2f} | {m['vae']:.2f} | {m['forward_backward']:.2f} | "
                        f"{m['optimizer']:.2f} | {pf:.2f} | {tf:.0f} ({hw:.0f}) | {mfu} | "
@@ -812,7 +815,8 @@ def markdown(res):
                 out.append("")
     if res.get("kernels"):
         impls = [k for k in res["kernels"][0] if isinstance(res["kernels"][0][k], dict)]
-        out += [f"Attention kernels, B=1, {res['kernels'][0].get('dtype', 'bfloat16')}, [B, S, H, D], non-causal; TFLOP/s forward / backward "
+        dtype = res["kernels"][0].get("dtype", "bfloat16")
+        out += [f"Attention kernels, B=1, {dtype}, [B, S, H, D], non-causal; TFLOP/s forward / backward "
                 "(forward 4·Sq·Sk·H·d, backward 2.5×):", "",
                 "| shape | Sq × Sk, heads | " + " | ".join(impls) + " |", "|---|---|" + "---|" * len(impls)]
         for r in res["kernels"]:

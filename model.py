@@ -523,7 +523,8 @@ def read_state_dict(path):
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
         if os.environ.get("COSMOS_MV_TRUST_PICKLE") != "1":
-            why = str(e).split("WeightsUnpickler error: ")[-1].split("\n")[0].split(". Please")[0][:200]  # torch's reason
+            why = str(e).split("WeightsUnpickler error: ")[-1]  # torch's reason, without its advice
+            why = why.split("\n")[0].split(". Please")[0][:200]
             raise ValueError(f"{path}: not loadable as plain weights ({type(e).__name__}: {why}); full "
                              f"unpickling would run code from the file: set COSMOS_MV_TRUST_PICKLE=1 only if "
                              f"you trust it") from e

@@ -92,7 +92,7 @@ def load_t5(path, device="cpu", dtype=torch.float32):
         tokenizer = T5TokenizerFast.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # e.g. only spiece.model present and no protobuf to convert it
         raise ValueError(f"could not load the T5 tokenizer from {path} (tokenizer.json is the safe file to "
-                           f"have; converting spiece.model needs the protobuf package): {e}") from e
+                         f"have; converting spiece.model needs the protobuf package): {e}") from e
     try:
         encoder = T5EncoderModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     except Exception as e:  # truncated download, wrong architecture, ...

@@ -308,8 +308,8 @@ def commit_clip(out, clip, stage, captions):
         tmp = os.path.join(stage, cam + ".txt")
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(" ".join(captions[cam].split()) + "\n")  # one line: newlines inside captions become spaces
-    # Reverse order: the loaders (ours and the official one) list clips from the last camera's videos, so a
-    # crash between two renames never makes a clip visible before all its files are in place.
+    # Reverse order: the loaders (ours and the official one) list clips from the first camera's videos
+    # (CAMERAS[0]), which thus move last: a crash between two renames never shows a half-moved clip.
     for cam, (mp4, txt) in reversed(clip_paths(out, clip).items()):
         os.makedirs(os.path.dirname(mp4), exist_ok=True)
         os.makedirs(os.path.dirname(txt), exist_ok=True)
